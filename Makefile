@@ -1,0 +1,32 @@
+# microsnoop-ray: every target installs what it needs into .venv itself.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# A local wheel folder (the CPU torch build lies there on the project's machines).
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+SHARED ?= ../shared/data
+
+.PHONY: install test demo demo-screen bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(FIND_LINKS) -e '.[dev,eval]'
+	$(PY) -c "import torch, ray, cellpose, zarr; print('installed torch', torch.__version__, 'ray', ray.__version__)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+demo: install
+	$(PY) -m microsnoop_ray.demo --out demo_output
+
+bench: install
+	$(PY) benchmarks/encoder.py
+
+clean:
+	rm -rf $(VENV) demo_output .pytest_cache build *.egg-info

@@ -1,0 +1,192 @@
+"""Embeddings of images up to 224 x 224: ``embed(images) -> (N, 256 * C)``.
+
+Every channel is embedded separately (zero-padded centred to 224, percentile
+normalised after padding, encoder in eval mode, L2-normalised global average
+pool of the deepest map) and the C embeddings are concatenated in channel order.
+Images stream through the encoder in chunks, so memory stays bounded for any N:
+``images`` may be a NumPy array, a memory map, a Zarr array or a list of arrays.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .model import MicrosnoopUNet, load_model, EMBED_DIM, INPUT_SIZE
+from .preprocess import pad_center, normalize_percentile
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` -> CPU; ``"cuda"`` only when CUDA is present (clear error otherwise)."""
+    if device is None:
+        return torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device on this machine")
+    return device
+
+
+def check_images(images, source: str = "images", size: int = INPUT_SIZE) -> tuple[int, int]:
+    """Validate an image stack without reading all of it.
+
+    Parameters
+    ----------
+    images : array-like (N, C, H, W) or sequence of (C, H, W) arrays
+    source : str
+        Name of the input, used in error messages (a file path, say).
+
+    Returns
+    -------
+    (N, C) : tuple of int
+
+    Raises
+    ------
+    InputError
+        Wrong number of dimensions, non-numeric dtype, mixed channel counts, an
+        image larger than ``size``, or an empty input.
+    """
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise InputError(source, "no images")
+        shapes = [np.shape(im) for im in images]
+        for i, (im, shp) in enumerate(zip(images, shapes)):
+            if len(shp) != 3:
+                raise InputError(source, f"image {i} has {len(shp)} dimensions, expected 3 (C, H, W)")
+            _check_dtype(np.asarray(im).dtype, source)
+        chans = {s[0] for s in shapes}
+        if len(chans) != 1:
+            raise InputError(source, f"images have different channel counts {sorted(chans)}")
+        big = [i for i, s in enumerate(shapes) if s[1] > size or s[2] > size]
+        if big:
+            s = shapes[big[0]]
+            raise InputError(source, f"image {big[0]} is {s[1]}x{s[2]}, larger than {size}x{size}: "
+                                     "use tile or rescale mode (`microsnoop-ray fields --mode tiles|rescale`)")
+        return len(images), shapes[0][0]
+    shape = getattr(images, "shape", None)
+    if shape is None:
+        raise InputError(source, f"expected an array of shape (N, C, H, W), got {type(images).__name__}")
+    if len(shape) != 4:
+        raise InputError(source, f"array has {len(shape)} dimensions {tuple(shape)}, expected 4 (N, C, H, W)")
+    _check_dtype(np.dtype(images.dtype), source)
+    n, c, h, w = shape
+    if n == 0 or c == 0:
+        raise InputError(source, f"array of shape {tuple(shape)} holds no images")
+    if h > size or w > size:
+        raise InputError(source, f"images are {h}x{w}, larger than {size}x{size}: "
+                                 "use tile or rescale mode (`microsnoop-ray fields --mode tiles|rescale`)")
+    return n, c
+
+
+def _check_dtype(dtype: np.dtype, source: str) -> None:
+    if dtype.kind not in "uif":
+        raise InputError(source, f"pixel type {dtype} is not numeric (expected integer or float)")
+
+
+def _padded_chunk(images, start: int, stop: int, size: int) -> np.ndarray:
+    if isinstance(images, (list, tuple)):
+        return np.stack([pad_center(np.asarray(images[i], dtype=np.float32), size) for i in range(start, stop)])
+    return pad_center(np.asarray(images[start:stop], dtype=np.float32), size)
+
+
+class Encoder:
+    """A model prepared for inference on one device (eval mode, no autograd).
+
+    Parameters
+    ----------
+    model : MicrosnoopUNet or path or None
+        A loaded model, a checkpoint path, or None for the default weights.
+    device : str or torch.device, optional
+    channels_last : bool
+        Use the channels-last memory format (faster on CPU; see benchmarks/encoder.py).
+    compile : bool
+        Wrap the encoder in ``torch.compile`` (faster after a one-off compile).
+    """
+
+    def __init__(self, model=None, device=None, channels_last: bool = True, compile: bool = False):
+        if not isinstance(model, MicrosnoopUNet):
+            model = load_model(model)
+        self.device = resolve_device(device)
+        self.model = model.eval().to(self.device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self._fn = self.model.embed
+        if compile:
+            self._fn = torch.compile(self.model.embed, dynamic=False)
+
+    @property
+    def model_card(self):
+        return getattr(self.model, "model_card", None)
+
+    @torch.inference_mode()
+    def __call__(self, planes: np.ndarray) -> np.ndarray:
+        """(n, 224, 224) float32 normalised planes -> (n, 256) float32 embeddings."""
+        x = torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32))[:, None]
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        return self._fn(x).float().cpu().numpy()
+
+
+def embed(images, model=None, batch_size: int = 32, device=None, normalization: str = "default",
+          source: str = "images", progress: bool = False, encoder: Encoder | None = None) -> np.ndarray:
+    """Microsnoop embeddings of images up to 224 x 224.
+
+    Parameters
+    ----------
+    images : array-like, shape (N, C, H, W), or sequence of (C, H, W) arrays
+        Any numeric dtype; ``H, W <= 224``. Sizes may differ between the arrays
+        of a sequence. Read in chunks, so a memory map or Zarr array works.
+    model : MicrosnoopUNet or str or None
+        Loaded model or checkpoint path; None means the default shipped weights.
+    batch_size : int
+        One-channel images per forward pass (memory is bounded by this).
+    device : str or torch.device, optional
+        CPU by default; ``"cuda"`` when asked and present.
+    normalization : {"default", "faithful"}
+        Degenerate-case handling of the percentile normalisation; see
+        :func:`microsnoop_ray.preprocess.normalize_percentile`.
+    source : str
+        Name of the input, for error messages.
+    progress : bool
+        Show a progress bar (tqdm, on stderr).
+    encoder : Encoder, optional
+        A prepared encoder to reuse (overrides ``model`` and ``device``).
+
+    Returns
+    -------
+    ndarray, shape (N, 256 * C), float32
+        Row i is image i; columns ``c*256 .. c*256+255`` are channel c.
+
+    Raises
+    ------
+    InputError
+        Bad shape or dtype, images larger than 224, or NaN/inf pixels (the
+        message names ``source`` and the image index).
+    """
+    n, c = check_images(images, source)
+    enc = encoder if encoder is not None else Encoder(model, device)
+    per_chunk = max(1, batch_size // c)
+    out = np.empty((n, EMBED_DIM * c), dtype=np.float32)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=n, unit="img", desc="embed", leave=False)
+    for start in range(0, n, per_chunk):
+        stop = min(n, start + per_chunk)
+        chunk = _padded_chunk(images, start, stop, INPUT_SIZE)  # (m, C, 224, 224)
+        bad = ~np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
+        if bad.any():
+            raise InputError(source, f"image {start + int(np.argmax(bad))} has NaN or infinite pixels")
+        planes = normalize_percentile(chunk.reshape(-1, INPUT_SIZE, INPUT_SIZE), mode=normalization)
+        out[start:stop] = enc(planes).reshape(stop - start, EMBED_DIM * c)
+        if bar is not None:
+            bar.update(stop - start)
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def feature_names(channel_names: Sequence[str], prefix: str = "Microsnoop") -> list[str]:
+    """Column names ``<prefix>_<channel>_000 .. _255``, channel-major."""
+    return [f"{prefix}_{ch}_{i:03d}" for ch in channel_names for i in range(EMBED_DIM)]

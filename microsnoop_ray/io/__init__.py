@@ -1,0 +1,1 @@
+"""Reading images, plates and tables; writing profiles."""

@@ -1,0 +1,68 @@
+"""Writing Parquet profiles: atomic files, float32 features, provenance in the schema."""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+#: Key under which provenance (model card, options) is stored in the Parquet schema metadata.
+SCHEMA_KEY = b"microsnoop_ray"
+
+
+def profile_table(metadata: pd.DataFrame, features: np.ndarray, feature_names: Sequence[str]) -> pa.Table:
+    """Join metadata columns and a float32 feature matrix into an Arrow table.
+
+    Parameters
+    ----------
+    metadata : DataFrame, n rows; every column must start with ``Metadata_``
+    features : ndarray, shape (n, d)
+    feature_names : sequence of d str
+    """
+    bad = [c for c in metadata.columns if not str(c).startswith("Metadata_")]
+    if bad:
+        raise ValueError(f"metadata columns must start with 'Metadata_': {bad}")
+    features = np.asarray(features, dtype=np.float32)
+    if features.shape != (len(metadata), len(feature_names)):
+        raise ValueError(f"features {features.shape} do not match {len(metadata)} rows x {len(feature_names)} names")
+    meta = pa.Table.from_pandas(metadata.reset_index(drop=True), preserve_index=False)
+    cols = [pa.array(features[:, j]) for j in range(features.shape[1])]
+    feat = pa.Table.from_arrays(cols, names=list(feature_names)) if cols else None
+    if feat is None:
+        return meta
+    for name, col in zip(feat.column_names, feat.columns):
+        meta = meta.append_column(name, col)
+    return meta
+
+
+def write_parquet(table: pa.Table | pd.DataFrame, path: str | os.PathLike, provenance: Mapping | None = None) -> Path:
+    """Write atomically (temporary file, then rename), so a reader never sees half a file.
+
+    ``provenance`` is stored as JSON in the schema metadata under ``microsnoop_ray``
+    and read back by :func:`read_provenance`.
+    """
+    if isinstance(table, pd.DataFrame):
+        table = pa.Table.from_pandas(table, preserve_index=False)
+    if provenance is not None:
+        md = dict(table.schema.metadata or {})
+        md[SCHEMA_KEY] = json.dumps(provenance, default=str).encode()
+        table = table.replace_schema_metadata(md)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_provenance(path: str | os.PathLike) -> dict:
+    """The provenance dict stored by :func:`write_parquet` (empty if none)."""
+    md = pq.read_schema(path).metadata or {}
+    raw = md.get(SCHEMA_KEY)
+    return json.loads(raw) if raw else {}

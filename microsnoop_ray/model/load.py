@@ -1,0 +1,246 @@
+"""Checkpoints: the published format, plain state dicts, and ours with a model card.
+
+Formats accepted by :func:`load_model` (always read with ``weights_only=True``):
+
+* **published**: a dict whose key ``model`` holds the state dict (other keys such
+  as ``optimizer``, ``checkpoint_epoch``, ``scaler`` are ignored); keys may carry
+  a ``module.`` prefix (DistributedDataParallel).
+* **plain**: the state dict itself.
+* **microsnoop-ray**: ``{"format": "microsnoop-ray/1", "state_dict": ..., "model_card": {...}}``
+  written by :func:`save_model`. Tensors may be stored in float16 to keep the file
+  small; they are loaded as float32.
+
+A state dict may hold the encoder alone (an embedding-only file); the decoder is
+then left at its initial values and ``model.has_decoder`` is False.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import WeightsError
+from .unet import MicrosnoopUNet
+
+FORMAT = "microsnoop-ray/1"
+_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+
+
+@dataclasses.dataclass
+class ModelCard:
+    """What a set of weights is, where it came from, and its hash.
+
+    ``model_id`` names the network, its training data and a short hash of the
+    weights (it is the ``<model_id>`` folder of the output layout).
+    """
+
+    model_id: str
+    weights_sha256: str
+    training_data: str = "unknown"
+    epochs: float | None = None
+    images_seen: int | None = None
+    mask_ratio: float | None = None
+    input_size: int | None = None
+    source: str = ""
+    notes: str = ""
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelCard":
+        known = {f.name for f in dataclasses.fields(cls)}
+        extra = {k: v for k, v in d.items() if k not in known}
+        card = cls(**{k: v for k, v in d.items() if k in known})
+        card.extra.update(extra)
+        return card
+
+
+def weights_hash(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the float32 values of every tensor, keys in sorted order.
+
+    Independent of the file's serialisation and of fp16/fp32 storage only in so
+    far as the values are equal: a file stored in fp16 hashes its fp16-rounded
+    values, which is what any user of that file computes with.
+    """
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key]
+        if not torch.is_tensor(t):
+            continue
+        h.update(key.encode())
+        t = t.detach().cpu()
+        if t.is_floating_point():
+            t = t.to(torch.float32)
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def default_weights_path() -> Path | None:
+    """Path of the default weights shipped in the package, or None if none are shipped."""
+    p = _WEIGHTS_DIR / "microsnoop_default.pt"
+    return p if p.exists() else None
+
+
+def _strip_prefix(sd: Mapping[str, Any]) -> dict:
+    if sd and all(k.startswith("module.") for k in sd):
+        return {k[len("module."):]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def _trdata_from_name(name: str) -> str | None:
+    m = re.search(r"trData-(.+?)_", name)
+    return m.group(1) if m else None
+
+
+def _read(path: Path) -> Any:
+    if not path.exists():
+        raise WeightsError(path, "weights file does not exist")
+    if path.is_dir():
+        raise WeightsError(path, "is a folder, not a weights file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, truncated zip, unsafe globals ...
+        text = str(exc)
+        if "Weights only load failed" in text:
+            why = "torch.load(weights_only=True) refused it: not a tensor-only checkpoint"
+        else:
+            why = (text.strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise WeightsError(path, f"not a readable PyTorch checkpoint ({why})") from None
+
+
+def load_model(path: str | os.PathLike | None = None, device: str | torch.device | None = None) -> MicrosnoopUNet:
+    """Load Microsnoop weights into a :class:`MicrosnoopUNet` in eval mode.
+
+    Parameters
+    ----------
+    path : str or path-like, optional
+        A checkpoint in any of the module's formats. ``None`` loads the default
+        weights shipped inside the package.
+    device : str or torch.device, optional
+        Where to put the model; CPU by default.
+
+    Returns
+    -------
+    MicrosnoopUNet
+        In eval mode, with attributes ``model_card`` (:class:`ModelCard`),
+        ``has_decoder`` (bool) and ``weights_path`` (str).
+
+    Raises
+    ------
+    WeightsError
+        If the file is missing, unreadable, not a checkpoint, or its tensors do
+        not fit the network; the message names the file and the problem.
+    """
+    if path is None:
+        path = default_weights_path()
+        if path is None:
+            raise WeightsError(
+                "<default weights>",
+                "no default weights are shipped in this version of microsnoop-ray; "
+                "pass a checkpoint with --weights (the published Microsnoop .pth file works unchanged, "
+                "or train one with `microsnoop-ray train`)",
+            )
+    path = Path(path)
+    obj = _read(path)
+    if not isinstance(obj, Mapping):
+        raise WeightsError(path, f"holds a {type(obj).__name__}, not a checkpoint dict")
+
+    card_dict = None
+    if obj.get("format") == FORMAT:
+        sd, card_dict = obj.get("state_dict"), obj.get("model_card")
+        kind = "microsnoop-ray"
+    elif "model" in obj and isinstance(obj["model"], Mapping):
+        sd, kind = obj["model"], "published"
+    elif obj and all(torch.is_tensor(v) for v in obj.values()):
+        sd, kind = obj, "state_dict"
+    else:
+        keys = ", ".join(list(map(str, obj.keys()))[:5])
+        raise WeightsError(path, f"not a Microsnoop checkpoint (top-level keys: {keys})")
+    if not isinstance(sd, Mapping) or not sd:
+        raise WeightsError(path, "checkpoint holds no state dict")
+    sd = _strip_prefix(sd)
+
+    model = MicrosnoopUNet()
+    expected = model.state_dict()
+    enc_keys = {k for k in expected if k.startswith("encoder.")}
+    unknown = sorted(set(sd) - set(expected))
+    missing_enc = sorted(enc_keys - set(sd))
+    if unknown or missing_enc:
+        detail = []
+        if missing_enc:
+            detail.append(f"{len(missing_enc)} encoder tensors missing (e.g. {missing_enc[0]})")
+        if unknown:
+            detail.append(f"{len(unknown)} unexpected tensors (e.g. {unknown[0]})")
+        raise WeightsError(path, "state dict does not fit the Microsnoop network: " + "; ".join(detail))
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise WeightsError(path, f"tensor {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+    has_decoder = set(expected) <= set(sd)
+    model.load_state_dict(sd, strict=has_decoder)
+    digest = weights_hash(sd)
+
+    if card_dict:
+        card = ModelCard.from_dict(card_dict)
+        if card.weights_sha256 and card.weights_sha256 != digest:
+            raise WeightsError(path, f"weights hash {digest[:12]} does not match its model card ({card.weights_sha256[:12]})")
+    else:
+        data = _trdata_from_name(path.name) or "unknown"
+        card = ModelCard(
+            model_id=f"microsnoop-{data}-{digest[:8]}", weights_sha256=digest,
+            training_data=data, source=f"{kind} checkpoint {path.name}",
+        )
+        m = re.search(r"maskRatio-([0-9.]+?)_", path.name)
+        card.mask_ratio = float(m.group(1)) if m else None
+        m = re.search(r"inputSize-(\d+)", path.name)
+        card.input_size = int(m.group(1)) if m else None
+    model.model_card = card
+    model.has_decoder = has_decoder
+    model.weights_path = str(path)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def save_model(model: MicrosnoopUNet, path: str | os.PathLike, card: ModelCard | Mapping | None = None,
+               half: bool = False, encoder_only: bool = False) -> ModelCard:
+    """Write ``model`` in the microsnoop-ray format with its model card.
+
+    Parameters
+    ----------
+    half : bool
+        Store floating tensors as float16 (about 13 MB for the full network).
+    encoder_only : bool
+        Keep only the encoder (enough for embeddings; about 5.6 MB in float16).
+
+    Returns
+    -------
+    ModelCard
+        The card written, with ``weights_sha256`` of the stored values.
+    """
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if encoder_only:
+        sd = {k: v for k, v in sd.items() if k.startswith("encoder.")}
+    if half:
+        sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
+    digest = weights_hash(sd)
+    if card is None:
+        card = ModelCard(model_id=f"microsnoop-unknown-{digest[:8]}", weights_sha256=digest)
+    elif isinstance(card, Mapping):
+        card = ModelCard.from_dict(card)
+    card.weights_sha256 = digest
+    if "{hash}" in card.model_id:
+        card.model_id = card.model_id.replace("{hash}", digest[:8])
+    payload = {"format": FORMAT, "state_dict": sd, "model_card": json.loads(json.dumps(card.to_dict()))}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, path)
+    return card

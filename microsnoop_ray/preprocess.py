@@ -1,0 +1,99 @@
+"""Padding and percentile normalisation, shared by inference and pretraining.
+
+Faithful to the published pipeline (``METHOD.md`` section 3): every one-channel
+image is zero-padded centred to 224 x 224 and *then* normalised with its own
+1st and 99th percentiles, computed over the whole padded array with linear
+interpolation, without clipping.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+#: Normalisation modes of :func:`normalize_percentile`.
+NORMALIZATION_MODES = ("default", "faithful")
+
+
+def pad_center(images: np.ndarray, size: int = 224) -> np.ndarray:
+    """Zero-pad images centred to ``size`` x ``size``.
+
+    ``top = (size - h) // 2`` and the rest goes to the bottom; likewise left/right.
+
+    Parameters
+    ----------
+    images : ndarray, shape (..., h, w)
+        Any leading dimensions; ``h, w <= size``.
+    size : int
+
+    Returns
+    -------
+    ndarray, shape (..., size, size), float32
+    """
+    h, w = images.shape[-2:]
+    if h > size or w > size:
+        raise ValueError(f"image of {h}x{w} is larger than {size}x{size}")
+    out = np.zeros(images.shape[:-2] + (size, size), dtype=np.float32)
+    top, left = (size - h) // 2, (size - w) // 2
+    out[..., top:top + h, left:left + w] = images
+    return out
+
+
+def normalize_percentile(x: np.ndarray, mode: str = "default", lower: float = 1.0,
+                         upper: float = 99.0) -> np.ndarray:
+    """Percentile-normalise each one-channel image: ``(x - P1) / (P99 - P1)``.
+
+    Parameters
+    ----------
+    x : ndarray, shape (n, h, w), float32
+        One-channel images (already padded). Modified copies are returned.
+    mode : {"default", "faithful"}
+        How the two degenerate cases are handled; ordinary images are treated
+        identically by both modes.
+
+        * constant image (max == min): ``faithful`` leaves it unchanged, as the
+          reference code does; ``default`` returns zeros (``x - P1``), so an
+          all-500 image and an all-zero image give the same embedding.
+        * ``P99 == P1`` but not constant (a small bright object in a large
+          zero-padded frame, < 1 % of the pixels): the reference divides by
+          1e-6, which multiplies values by a million (``faithful`` keeps that);
+          ``default`` divides by the largest deviation from P1 instead, so
+          values stay in [-1, 1].
+    lower, upper : float
+        The percentiles (1 and 99 in the method).
+
+    Returns
+    -------
+    ndarray, shape (n, h, w), float32
+    """
+    if mode not in NORMALIZATION_MODES:
+        raise ValueError(f"normalization mode must be one of {NORMALIZATION_MODES}, not {mode!r}")
+    x = np.asarray(x, dtype=np.float32)
+    flat = x.reshape(len(x), -1)
+    lo, hi = np.percentile(flat, [lower, upper], axis=1).astype(np.float32)
+    vmin, vmax = flat.min(axis=1), flat.max(axis=1)
+    constant = vmax == vmin
+    degenerate = (hi == lo) & ~constant
+    scale = hi - lo
+    if mode == "faithful":
+        scale = np.where(degenerate, np.float32(1e-6), scale)
+        shift = np.where(constant, np.float32(0), lo)
+        scale = np.where(constant, np.float32(1), scale)
+    else:
+        spread = np.maximum(vmax - lo, lo - vmin)
+        scale = np.where(degenerate, spread, scale)
+        shift = lo
+        scale = np.where(constant, np.float32(1), scale)
+    return (x - shift[:, None, None]) / scale[:, None, None]
+
+
+def preprocess(images: np.ndarray, size: int = 224, mode: str = "default") -> np.ndarray:
+    """Pad then normalise one-channel images.
+
+    Parameters
+    ----------
+    images : ndarray, shape (n, h, w)
+
+    Returns
+    -------
+    ndarray, shape (n, size, size), float32
+    """
+    return normalize_percentile(pad_center(images, size), mode=mode)
