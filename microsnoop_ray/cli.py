@@ -31,7 +31,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
                               f"for {c} channels: {args.channel_names!r}")
     if args.metadata:
         meta = pd.concat([meta, read_metadata_table(args.metadata, n)], axis=1)
-    encoder = Encoder(args.weights, device=args.device)
+    compile_ = args.compile if args.compile is not None else n * c >= 512
+    encoder = Encoder(args.weights, device=args.device, compile=compile_)
     t0 = time.perf_counter()
     feats = embed(images, batch_size=args.batch_size, normalization=args.normalization,
                   source=str(args.input), progress=not args.quiet and n >= 64, encoder=encoder)
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None, help="cpu (default) or cuda")
     e.add_argument("--normalization", choices=("default", "faithful"), default="default",
                    help="degenerate-case handling of percentile normalisation (see docs)")
+    e.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the encoder (default: on when there are >= 512 one-channel images)")
     e.add_argument("-q", "--quiet", action="store_true")
     e.set_defaults(func=_cmd_embed)
     return p

@@ -1,0 +1,213 @@
+"""Cell-region crops, tiles and rescaling of whole fields (pure NumPy).
+
+Follows ``METHOD.md`` section 4. All functions take channel-first images
+``(C, H, W)`` and return crops ``(M, C, size, size)`` ready for
+:func:`microsnoop_ray.embed`.
+
+Border modes of :func:`crop_cells`
+----------------------------------
+``"drop"`` (default)
+    Drop every object whose bounding box touches any image edge (its crop would
+    show a cut cell).
+``"faithful"``
+    The reference behaviour: drop objects touching the top or left edge only
+    (its test compares the inclusive bottom/right coordinate with H/W, which can
+    never be equal), keep the rest. Use it to reproduce published embeddings.
+``"keep"``
+    Keep every object; windows are clipped at the border as always.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+BORDER_MODES = ("drop", "faithful", "keep")
+
+
+def object_bboxes(labels: np.ndarray) -> pd.DataFrame:
+    """Inclusive bounding boxes of the objects of a label image.
+
+    Parameters
+    ----------
+    labels : ndarray (H, W) of int
+        0 is background.
+
+    Returns
+    -------
+    DataFrame with columns ``label, r0, c0, r1, c1, area`` (r1, c1 inclusive),
+    one row per label present, in increasing label order.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"label image must be 2-D, got shape {labels.shape}")
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"label image must be integer, got {labels.dtype}")
+    ids = np.unique(labels)
+    ids = ids[ids > 0]
+    rows = []
+    if len(ids):
+        slices = ndimage.find_objects(labels, max_label=int(ids.max()))
+        areas = np.bincount(labels.ravel(), minlength=int(ids.max()) + 1)
+        for i in ids:
+            sl = slices[i - 1]
+            rows.append((int(i), sl[0].start, sl[1].start, sl[0].stop - 1, sl[1].stop - 1, int(areas[i])))
+    return pd.DataFrame(rows, columns=["label", "r0", "c0", "r1", "c1", "area"])
+
+
+def crop_windows(bboxes: pd.DataFrame, shape: tuple[int, int], rescale_constant: float = 2.5,
+                 size: int = 224) -> pd.DataFrame:
+    """The cell-region window of every object (``METHOD.md`` section 4, step 2).
+
+    ``L = max(r1 - r0, c1 - c0)``, centre ``rc = r0 + (r1 - r0) // 2`` (same for
+    columns), half-size ``h = min(L * Rc, size // 2)``, window rows
+    ``[max(int(rc - h), 0), min(int(rc + h), H))``: clipped, not shifted.
+
+    Returns
+    -------
+    DataFrame: the input columns plus ``center_r, center_c, half, top, bottom, left, right``
+    (bottom/right exclusive).
+    """
+    H, W = shape
+    out = bboxes.copy()
+    r0, c0, r1, c1 = (out[k].to_numpy(dtype=np.int64) for k in ("r0", "c0", "r1", "c1"))
+    L = np.maximum(r1 - r0, c1 - c0)
+    rc = r0 + (r1 - r0) // 2
+    cc = c0 + (c1 - c0) // 2
+    half = np.minimum(L * float(rescale_constant), size // 2)
+    trunc = lambda v: np.trunc(v).astype(np.int64)  # Python int(): toward zero
+    out["center_r"], out["center_c"], out["half"] = rc, cc, half
+    out["top"] = np.maximum(trunc(rc - half), 0)
+    out["bottom"] = np.minimum(trunc(rc + half), H)
+    out["left"] = np.maximum(trunc(cc - half), 0)
+    out["right"] = np.minimum(trunc(cc + half), W)
+    return out
+
+
+def touches_border(bboxes: pd.DataFrame, shape: tuple[int, int], mode: str = "drop") -> np.ndarray:
+    """Boolean mask of the objects that ``mode`` drops at the image border."""
+    if mode not in BORDER_MODES:
+        raise ValueError(f"border mode must be one of {BORDER_MODES}, not {mode!r}")
+    H, W = shape
+    r0, c0, r1, c1 = (bboxes[k].to_numpy() for k in ("r0", "c0", "r1", "c1"))
+    if mode == "keep":
+        return np.zeros(len(bboxes), dtype=bool)
+    if mode == "faithful":
+        return (r0 == 0) | (c0 == 0) | (r1 == H) | (c1 == W)
+    return (r0 == 0) | (c0 == 0) | (r1 == H - 1) | (c1 == W - 1)
+
+
+def crop_cells(image: np.ndarray, labels: np.ndarray, rescale_constant: float = 2.5, size: int = 224,
+               border: str = "drop", min_window: int = 2) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
+    """Cell-region crops of every object, all channels, zero-padded centred.
+
+    Parameters
+    ----------
+    image : ndarray (C, H, W) or (H, W)
+    labels : ndarray (H, W) of int, 0 = background
+    rescale_constant : float
+        Rc: 2.5 by default, 2 for BBBC021, 1 for LIVECell/TissueNet.
+    size : int
+        Side of the padded crops (224).
+    border : {"drop", "faithful", "keep"}
+        See the module docstring.
+    min_window : int
+        Objects whose window is narrower than this in either direction (a
+        one-pixel object gives an empty window) are reported, not cropped.
+
+    Returns
+    -------
+    crops : ndarray (M, C, size, size), float32
+    table : DataFrame, M rows: ``Metadata_ObjectNumber`` (the label),
+        ``Metadata_Location_Center_X/Y`` (the window centre, column/row),
+        ``Metadata_Crop_Top/Bottom/Left/Right`` (window, bottom/right exclusive),
+        ``Metadata_Object_Area``.
+    rejected : DataFrame: ``Metadata_ObjectNumber`` and ``reason`` for every
+        object not cropped (border, too small).
+    """
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[None]
+    if image.ndim != 3:
+        raise ValueError(f"image must be (C, H, W) or (H, W), got shape {image.shape}")
+    labels = np.asarray(labels)
+    if labels.shape != image.shape[1:]:
+        raise ValueError(f"labels {labels.shape} do not match image {image.shape[1:]}")
+    shape = image.shape[1:]
+    boxes = object_bboxes(labels)
+    at_border = touches_border(boxes, shape, border)
+    win = crop_windows(boxes, shape, rescale_constant, size)
+    small = ((win["bottom"] - win["top"]) < min_window) | ((win["right"] - win["left"]) < min_window)
+    keep = ~at_border & ~small.to_numpy()
+    reasons = np.where(at_border, f"touches the image border (border mode '{border}')",
+                       f"window narrower than {min_window} px (object too small to crop)")
+    rejected = pd.DataFrame({"Metadata_ObjectNumber": boxes["label"].to_numpy()[~keep],
+                             "reason": reasons[~keep]})
+    win = win[keep].reset_index(drop=True)
+    crops = np.zeros((len(win), image.shape[0], size, size), dtype=np.float32)
+    for i, w in enumerate(win.itertuples(index=False)):
+        h, wd = w.bottom - w.top, w.right - w.left
+        t, l = (size - h) // 2, (size - wd) // 2
+        crops[i, :, t:t + h, l:l + wd] = image[:, w.top:w.bottom, w.left:w.right]
+    table = pd.DataFrame({
+        "Metadata_ObjectNumber": win["label"].astype(np.int64),
+        "Metadata_Location_Center_X": win["center_c"].astype(np.float64),
+        "Metadata_Location_Center_Y": win["center_r"].astype(np.float64),
+        "Metadata_Crop_Top": win["top"], "Metadata_Crop_Bottom": win["bottom"],
+        "Metadata_Crop_Left": win["left"], "Metadata_Crop_Right": win["right"],
+        "Metadata_Object_Area": win["area"],
+    })
+    return crops, table, rejected
+
+
+def tile_starts(side: int, size: int = 224, overlap: float = 0.1) -> np.ndarray:
+    """Tile origins along one axis: ``n = ceil((1 + 2*overlap) * side / size)`` evenly spaced."""
+    overlap = float(np.clip(overlap, 0.05, 0.5))
+    if side <= size:
+        return np.array([0])
+    n = math.ceil((1.0 + 2.0 * overlap) * side / size)
+    return np.linspace(0, side - size, n).astype(int)
+
+
+def tile_field(image: np.ndarray, size: int = 224, overlap: float = 0.1) -> tuple[np.ndarray, pd.DataFrame]:
+    """Cut a field into overlapping ``size`` x ``size`` tiles (tile mode).
+
+    A side of at most ``size`` gives one tile covering it (zero-padded centred
+    to ``size`` by the embedding step).
+
+    Returns
+    -------
+    tiles : ndarray (T, C, min(H, size), min(W, size)), same dtype as the image
+    table : DataFrame with ``Metadata_Tile_Y``, ``Metadata_Tile_X`` (origins)
+    """
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[None]
+    _, H, W = image.shape
+    ys, xs = tile_starts(H, size, overlap), tile_starts(W, size, overlap)
+    th, tw = min(H, size), min(W, size)
+    tiles = np.stack([image[:, y:y + th, x:x + tw] for y in ys for x in xs])
+    table = pd.DataFrame([(int(y), int(x)) for y in ys for x in xs], columns=["Metadata_Tile_Y", "Metadata_Tile_X"])
+    return tiles, table
+
+
+def rescale_field(image: np.ndarray, size: int = 224) -> np.ndarray:
+    """Rescaling mode: zero-pad the shorter side centred to a square, then bilinear resize to ``size``.
+
+    Returns
+    -------
+    ndarray (C, size, size), float32
+    """
+    import cv2
+
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 2:
+        image = image[None]
+    C, H, W = image.shape
+    side = max(H, W)
+    square = np.zeros((C, side, side), dtype=np.float32)
+    t, l = (side - H) // 2, (side - W) // 2
+    square[:, t:t + H, l:l + W] = image
+    return np.stack([cv2.resize(square[c], (size, size), interpolation=cv2.INTER_LINEAR) for c in range(C)])
