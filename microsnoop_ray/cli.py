@@ -50,6 +50,106 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fields(args: argparse.Namespace) -> int:
+    import numpy as np
+    import pandas as pd
+
+    from .crop import bboxes_from_centres
+    from .encode import Encoder, feature_names
+    from .fields import profile_field
+    from .io.fields import read_centres, read_field
+    from .io.write import profile_table, write_parquet
+    from .qc import draw_field
+    from .segment import make_segmenter
+
+    paths = list(args.images)
+    if args.masks and len(args.masks) != len(paths):
+        raise MicrosnoopError(f"--masks: {len(args.masks)} label images for {len(paths)} fields")
+    centres = read_centres(args.centres) if args.centres else None
+    skipped: list[dict] = []
+    fields: list[tuple[Path, np.ndarray]] = []
+    for p in paths:
+        try:
+            fields.append((p, read_field(p)))
+        except MicrosnoopError as exc:
+            skipped.append({"Metadata_FileName": p.name, "reason": str(exc)})
+    chans = {f.shape[0] for _, f in fields}
+    if len(chans) > 1:
+        raise MicrosnoopError(f"fields have different channel counts {sorted(chans)}: profile them separately")
+    c = chans.pop() if chans else 0
+    names = args.channel_names.split(",") if args.channel_names else [f"ch{i}" for i in range(c)]
+    if fields and len(names) != c:
+        raise MicrosnoopError(f"--channel-names gives {len(names)} names for {c} channels")
+    if fields and not 0 <= args.nuclei_channel < c:
+        raise MicrosnoopError(f"--nuclei-channel {args.nuclei_channel} is out of range for {c} channels")
+
+    labels: dict[int, np.ndarray] = {}
+    seg_desc = "none"
+    if args.mode == "cells" and fields:
+        if args.masks:
+            from .io.arrays import read_tiff
+            seg_desc = "supplied label images"
+            index = {p: i for i, p in enumerate(paths)}
+            for i, (p, f) in enumerate(fields):
+                m = read_tiff(args.masks[index[p]])[0]
+                if m.shape != f.shape[1:]:
+                    raise MicrosnoopError(f"{args.masks[index[p]]}: label image {m.shape} does not match field {p} {f.shape[1:]}")
+                labels[i] = m.astype(np.int64)
+        elif centres is not None:
+            seg_desc = f"supplied centres ({args.centres.name}), object size {args.diameter} px"
+        else:
+            segmenter, seg_desc = make_segmenter(args.segmenter, args.cellpose_model, args.diameter)
+            log.info("segmenting %d fields with %s", len(fields), seg_desc)
+            for i, m in enumerate(segmenter([f[args.nuclei_channel] for _, f in fields])):
+                labels[i] = m
+
+    encoder = Encoder(args.weights, device=args.device, compile=args.compile)
+    card = encoder.model_card
+    cell_tables, cell_feats, field_rows, field_feats = [], [], [], []
+    for i, (p, f) in enumerate(fields):
+        bboxes = None
+        if args.mode == "cells" and centres is not None and not args.masks:
+            sel = centres if centres["file"].isna().all() else centres[centres["file"] == p.name]
+            bboxes = bboxes_from_centres(sel["x"], sel["y"], args.diameter, f.shape[1:], sel["label"])
+        res = profile_field(f, encoder, mode=args.mode, labels=labels.get(i), bboxes=bboxes,
+                            rescale_constant=args.rescale_constant, border=args.border,
+                            tile_overlap=args.tile_overlap, batch_size=args.batch_size,
+                            normalization=args.normalization, where=str(p))
+        if res.skip_reason:
+            skipped.append({"Metadata_FileName": p.name, "reason": res.skip_reason})
+        else:
+            objs = res.objects.copy()
+            objs.insert(0, "Metadata_FileName", p.name)
+            cell_tables.append(objs)
+            cell_feats.append(res.object_features)
+            field_rows.append({"Metadata_FileName": p.name, "Metadata_Object_Count": res.object_count,
+                               "Metadata_Objects_Rejected": len(res.rejected)})
+            field_feats.append(res.field_features)
+        if args.png:
+            draw_field(f[args.nuclei_channel], args.out / "qc" / f"{p.stem}.png", labels.get(i),
+                       res.objects if args.mode == "cells" and len(res.objects) else None,
+                       f"{p.name}: {res.object_count} {'cells' if args.mode == 'cells' else args.mode} "
+                       f"({len(res.rejected)} rejected){' SKIPPED' if res.skip_reason else ''}")
+        if not args.quiet:
+            print(f"{p.name}: " + (f"skipped: {res.skip_reason}" if res.skip_reason else
+                                   f"{res.object_count} {'cells' if args.mode == 'cells' else args.mode}"))
+    prov = {"command": "fields", "mode": args.mode, "segmentation": seg_desc, "channels": names,
+            "nuclei_channel": args.nuclei_channel, "rescale_constant": args.rescale_constant,
+            "border": args.border, "tile_overlap": args.tile_overlap, "normalization": args.normalization,
+            "aggregation": "mean", "model_card": card.to_dict() if card else None}
+    feat_names = feature_names(names) if names else []
+    args.out.mkdir(parents=True, exist_ok=True)
+    if field_rows:
+        write_parquet(profile_table(pd.concat(cell_tables, ignore_index=True), np.concatenate(cell_feats),
+                                    feat_names), args.out / "cells.parquet", prov)
+        write_parquet(profile_table(pd.DataFrame(field_rows), np.stack(field_feats), feat_names),
+                      args.out / "fields.parquet", prov)
+    pd.DataFrame(skipped, columns=["Metadata_FileName", "reason"]).to_csv(args.out / "skipped.csv", index=False)
+    if not args.quiet:
+        print(f"{len(field_rows)} fields profiled, {len(skipped)} skipped (see {args.out / 'skipped.csv'})")
+    return 3 if skipped else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="microsnoop-ray", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -70,6 +170,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the encoder (default: on when there are >= 512 one-channel images)")
     e.add_argument("-q", "--quiet", action="store_true")
     e.set_defaults(func=_cmd_embed)
+
+    f = sub.add_parser("fields", help="profile whole fields of view (cell crops, tiles or rescaling)",
+                       description="Exit status: 0 all fields profiled, 3 some skipped (listed in skipped.csv), 2 error.")
+    f.add_argument("images", type=Path, nargs="+", help="one file per field: TIFF (C, H, W), PNG/JPEG, or .npy")
+    f.add_argument("--mode", choices=("cells", "tiles", "rescale"), default="cells")
+    f.add_argument("--nuclei-channel", type=int, default=0, help="channel index used for segmentation")
+    f.add_argument("--segmenter", choices=("auto", "cellpose", "classical"), default="auto",
+                   help="auto: Cellpose when --cellpose-model is given, else classical (logged)")
+    f.add_argument("--cellpose-model", default=None, help="local Cellpose weights file (never downloaded)")
+    f.add_argument("--diameter", type=float, default=30.0, help="typical nucleus diameter in pixels")
+    f.add_argument("--masks", type=Path, nargs="+", default=None, help="label images, one per field, same order")
+    f.add_argument("--centres", type=Path, default=None, help="CSV of object centres (CellProfiler columns)")
+    f.add_argument("--rescale-constant", type=float, default=2.5, help="Rc of the crop window (2 BBBC021, 1 LIVECell)")
+    f.add_argument("--border", choices=("drop", "faithful", "keep"), default="drop")
+    f.add_argument("--tile-overlap", type=float, default=0.1)
+    f.add_argument("--channel-names", default=None)
+    f.add_argument("--weights", type=Path, default=None)
+    f.add_argument("--out", type=Path, required=True, help="output folder")
+    f.add_argument("--png", action="store_true", help="write qc/<field>.png with outlines and crop windows")
+    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--device", default=None)
+    f.add_argument("--normalization", choices=("default", "faithful"), default="default")
+    f.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    f.add_argument("-q", "--quiet", action="store_true")
+    f.set_defaults(func=_cmd_fields)
     return p
 
 

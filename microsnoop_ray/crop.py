@@ -99,14 +99,38 @@ def touches_border(bboxes: pd.DataFrame, shape: tuple[int, int], mode: str = "dr
     return (r0 == 0) | (c0 == 0) | (r1 == H - 1) | (c1 == W - 1)
 
 
-def crop_cells(image: np.ndarray, labels: np.ndarray, rescale_constant: float = 2.5, size: int = 224,
-               border: str = "drop", min_window: int = 2) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
+def bboxes_from_centres(x: np.ndarray, y: np.ndarray, object_size: float, shape: tuple[int, int],
+                        labels: np.ndarray | None = None) -> pd.DataFrame:
+    """Bounding boxes of ``object_size`` around supplied object centres (no segmentation).
+
+    For users who have nucleus centres from CellProfiler (as DeepProfiler
+    does): each object becomes a square box of side ``object_size`` centred on
+    (x, y) = (column, row), clipped to the image, so that the window of
+    :func:`crop_windows` is centre +- ``min(object_size * Rc, 112)``.
+    """
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    half = float(object_size) / 2
+    H, W = shape
+    r0 = np.clip(np.round(y - half), 0, H - 1).astype(np.int64)
+    r1 = np.clip(np.round(y + half), 0, H - 1).astype(np.int64)
+    c0 = np.clip(np.round(x - half), 0, W - 1).astype(np.int64)
+    c1 = np.clip(np.round(x + half), 0, W - 1).astype(np.int64)
+    ids = np.arange(1, len(x) + 1) if labels is None else np.asarray(labels)
+    return pd.DataFrame({"label": ids, "r0": r0, "c0": c0, "r1": r1, "c1": c1,
+                         "area": np.full(len(x), int(round(object_size ** 2)))})
+
+
+def crop_cells(image: np.ndarray, labels: np.ndarray | None = None, rescale_constant: float = 2.5, size: int = 224,
+               border: str = "drop", min_window: int = 2, bboxes: pd.DataFrame | None = None,
+               ) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
     """Cell-region crops of every object, all channels, zero-padded centred.
 
     Parameters
     ----------
     image : ndarray (C, H, W) or (H, W)
     labels : ndarray (H, W) of int, 0 = background
+        The mask source; or give ``bboxes`` instead (e.g. from
+        :func:`bboxes_from_centres`).
     rescale_constant : float
         Rc: 2.5 by default, 2 for BBBC021, 1 for LIVECell/TissueNet.
     size : int
@@ -132,11 +156,14 @@ def crop_cells(image: np.ndarray, labels: np.ndarray, rescale_constant: float = 
         image = image[None]
     if image.ndim != 3:
         raise ValueError(f"image must be (C, H, W) or (H, W), got shape {image.shape}")
-    labels = np.asarray(labels)
-    if labels.shape != image.shape[1:]:
-        raise ValueError(f"labels {labels.shape} do not match image {image.shape[1:]}")
     shape = image.shape[1:]
-    boxes = object_bboxes(labels)
+    if bboxes is None:
+        labels = np.asarray(labels)
+        if labels.shape != shape:
+            raise ValueError(f"labels {labels.shape} do not match image {shape}")
+        boxes = object_bboxes(labels)
+    else:
+        boxes = bboxes.reset_index(drop=True)
     at_border = touches_border(boxes, shape, border)
     win = crop_windows(boxes, shape, rescale_constant, size)
     small = ((win["bottom"] - win["top"]) < min_window) | ((win["right"] - win["left"]) < min_window)

@@ -60,7 +60,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rescale-constant", type=float, default=2.5)
     args = ap.parse_args(argv)
 
-    from .crop import crop_windows
+    from .crop import crop_cells
+    from .qc import draw_field
     from .encode import Encoder, embed, feature_names
     from .io.registry import fetch_package_files
     from .io.write import profile_table, write_parquet
@@ -82,11 +83,7 @@ def main(argv=None) -> int:
     card = encoder.model_card
 
     print("2/4 cutting cell-region crops (METHOD.md section 4) ...")
-    win = crop_windows(boxes, image.shape[1:], args.rescale_constant)
-    H, W = image.shape[1:]
-    inside = ~((boxes.r0 == 0) | (boxes.c0 == 0) | (boxes.r1 == H - 1) | (boxes.c1 == W - 1)).to_numpy()
-    win = win[inside].reset_index(drop=True)
-    crops = [image[:, w.top:w.bottom, w.left:w.right] for w in win.itertuples()]
+    crops, table, rejected = crop_cells(image, bboxes=boxes, rescale_constant=args.rescale_constant)
 
     print(f"3/4 embedding {len(crops)} cells x {len(JUMP_CHANNELS)} channels with {card.model_id} ...")
     t1 = time.perf_counter()
@@ -96,50 +93,27 @@ def main(argv=None) -> int:
     print("4/4 writing profiles ...")
     key = {"Metadata_Batch": "cpg0000-jump-pilot", "Metadata_Plate": "BR00116991", "Metadata_Well": "A01",
            "Metadata_Site": 1}
-    cells = pd.DataFrame({**{k: [v] * len(win) for k, v in key.items()},
-                          "Metadata_ObjectNumber": win["label"].to_numpy(),
-                          "Metadata_Location_Center_X": win["center_c"].astype(float),
-                          "Metadata_Location_Center_Y": win["center_r"].astype(float)})
+    cells = pd.concat([pd.DataFrame({k: [v] * len(table) for k, v in key.items()}), table], axis=1)
     names = feature_names(list(JUMP_CHANNELS))
     prov = {"command": "demo", "model_card": card.to_dict(), "rescale_constant": args.rescale_constant,
             "channels": list(JUMP_CHANNELS), "source": "deepprofiler==0.5.1 tests/data/cpg0000 (CC0)"}
     root = args.out / "embeddings" / card.model_id / key["Metadata_Batch"] / key["Metadata_Plate"] / "A01-1"
     cell_path = write_parquet(profile_table(cells, feats, names), root / "embeddings.parquet", prov)
-    field = pd.DataFrame({**{k: [v] for k, v in key.items()}, "Metadata_Object_Count": [len(win)]})
+    field = pd.DataFrame({**{k: [v] for k, v in key.items()}, "Metadata_Object_Count": [len(table)]})
     prof_root = args.out / "profiles" / card.model_id / key["Metadata_Batch"] / key["Metadata_Plate"]
     field_path = write_parquet(profile_table(field, feats.mean(axis=0, keepdims=True), names),
                                prof_root / "BR00116991_fields.parquet", {**prov, "aggregation": "mean"})
-    png = args.out / "A01-1_crops.png"
-    _draw(image[0], win, png)
-    summary = {"cells_embedded": int(len(win)), "nuclei_at_border_dropped": int((~inside).sum()),
+    png = draw_field(image[0], args.out / "A01-1_crops.png", windows=table,
+                     title=f"BR00116991 A01 site 1: {len(table)} cell-region crops (DNA channel)")
+    summary = {"cells_embedded": int(len(table)), "nuclei_rejected": int(len(rejected)),
                "features_per_cell": int(feats.shape[1]), "embed_seconds": round(t_embed, 1),
-               "cells_per_second": round(len(win) / t_embed, 2), "model_id": card.model_id,
+               "cells_per_second": round(len(table) / t_embed, 2), "model_id": card.model_id,
                "weights_trained": card.training_data != "none (random initialisation)",
                "outputs": [str(cell_path), str(field_path), str(png)],
                "total_seconds": round(time.perf_counter() - t0, 1)}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     return 0
-
-
-def _draw(dna: np.ndarray, win: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
-    lo, hi = np.percentile(dna, [1, 99.5])
-    fig, ax = plt.subplots(figsize=(7, 7), dpi=110)
-    ax.imshow(np.clip((dna - lo) / max(hi - lo, 1), 0, 1), cmap="gray")
-    for w in win.itertuples():
-        ax.add_patch(Rectangle((w.left, w.top), w.right - w.left, w.bottom - w.top, fill=False, lw=0.6, ec="yellow"))
-        ax.plot(w.center_c, w.center_r, "r+", ms=3)
-    ax.set_title(f"BR00116991 A01 site 1: {len(win)} cell-region crops (DNA channel)")
-    ax.axis("off")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

