@@ -1,0 +1,1 @@
+"""Profile post-processing: aggregation and control-fitted sphering (pure functions on DataFrames)."""
