@@ -128,11 +128,11 @@ def _cmd_fields(args: argparse.Namespace) -> int:
         if args.png:
             draw_field(f[args.nuclei_channel], args.out / "qc" / f"{p.stem}.png", labels.get(i),
                        res.objects if args.mode == "cells" and len(res.objects) else None,
-                       f"{p.name}: {res.object_count} {'cells' if args.mode == 'cells' else args.mode} "
+                       f"{p.name}: {res.object_count} {args.mode} "
                        f"({len(res.rejected)} rejected){' SKIPPED' if res.skip_reason else ''}")
         if not args.quiet:
             print(f"{p.name}: " + (f"skipped: {res.skip_reason}" if res.skip_reason else
-                                   f"{res.object_count} {'cells' if args.mode == 'cells' else args.mode}"))
+                                   f"{res.object_count} {args.mode}"))
     prov = {"command": "fields", "mode": args.mode, "segmentation": seg_desc, "channels": names,
             "nuclei_channel": args.nuclei_channel, "rescale_constant": args.rescale_constant,
             "border": args.border, "tile_overlap": args.tile_overlap, "normalization": args.normalization,

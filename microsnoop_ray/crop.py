@@ -24,7 +24,15 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from .preprocess import pad_center
+
 BORDER_MODES = ("drop", "faithful", "keep")
+
+
+def as_chw(image: np.ndarray) -> np.ndarray:
+    """View an (H, W) or (C, H, W) image as (C, H, W)."""
+    image = np.asarray(image)
+    return image[None] if image.ndim == 2 else image
 
 
 def object_bboxes(labels: np.ndarray) -> pd.DataFrame:
@@ -151,9 +159,7 @@ def crop_cells(image: np.ndarray, labels: np.ndarray | None = None, rescale_cons
     rejected : DataFrame: ``Metadata_ObjectNumber`` and ``reason`` for every
         object not cropped (border, too small).
     """
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = image[None]
+    image = as_chw(image)
     if image.ndim != 3:
         raise ValueError(f"image must be (C, H, W) or (H, W), got shape {image.shape}")
     shape = image.shape[1:]
@@ -175,9 +181,7 @@ def crop_cells(image: np.ndarray, labels: np.ndarray | None = None, rescale_cons
     win = win[keep].reset_index(drop=True)
     crops = np.zeros((len(win), image.shape[0], size, size), dtype=np.float32)
     for i, w in enumerate(win.itertuples(index=False)):
-        h, wd = w.bottom - w.top, w.right - w.left
-        t, l = (size - h) // 2, (size - wd) // 2
-        crops[i, :, t:t + h, l:l + wd] = image[:, w.top:w.bottom, w.left:w.right]
+        crops[i] = pad_center(image[:, w.top:w.bottom, w.left:w.right], size)
     table = pd.DataFrame({
         "Metadata_ObjectNumber": win["label"].astype(np.int64),
         "Metadata_Location_Center_X": win["center_c"].astype(np.float64),
@@ -209,9 +213,7 @@ def tile_field(image: np.ndarray, size: int = 224, overlap: float = 0.1) -> tupl
     tiles : ndarray (T, C, min(H, size), min(W, size)), same dtype as the image
     table : DataFrame with ``Metadata_Tile_Y``, ``Metadata_Tile_X`` (origins)
     """
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = image[None]
+    image = as_chw(image)
     _, H, W = image.shape
     ys, xs = tile_starts(H, size, overlap), tile_starts(W, size, overlap)
     th, tw = min(H, size), min(W, size)
@@ -229,12 +231,6 @@ def rescale_field(image: np.ndarray, size: int = 224) -> np.ndarray:
     """
     import cv2
 
-    image = np.asarray(image, dtype=np.float32)
-    if image.ndim == 2:
-        image = image[None]
-    C, H, W = image.shape
-    side = max(H, W)
-    square = np.zeros((C, side, side), dtype=np.float32)
-    t, l = (side - H) // 2, (side - W) // 2
-    square[:, t:t + H, l:l + W] = image
-    return np.stack([cv2.resize(square[c], (size, size), interpolation=cv2.INTER_LINEAR) for c in range(C)])
+    image = as_chw(image)
+    square = pad_center(image, max(image.shape[1:]))
+    return np.stack([cv2.resize(plane, (size, size), interpolation=cv2.INTER_LINEAR) for plane in square])

@@ -13,8 +13,9 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
-from .crop import crop_cells, rescale_field, tile_field
+from .crop import as_chw, crop_cells, rescale_field, tile_field
 from .encode import Encoder, embed
+from .model import EMBED_DIM
 
 MODES = ("cells", "tiles", "rescale")
 
@@ -73,10 +74,8 @@ def profile_field(image: np.ndarray, encoder: Encoder, mode: str = "cells", labe
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = image[None]
-    dim = 256 * image.shape[0]
+    image = as_chw(image)
+    dim = EMBED_DIM * image.shape[0]
     if image.dtype.kind not in "uif":
         return _skipped(f"{where}: pixel type {image.dtype} is not numeric", dim)
     if not np.isfinite(image).all():

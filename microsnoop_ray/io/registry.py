@@ -39,6 +39,22 @@ def _safe_member(name: str, prefix: str) -> str | None:
     return name[len(prefix):]
 
 
+def _members(archive: Path, prefix: str):
+    """Yield (relative path, open file object) for the regular files under ``prefix`` in a wheel, zip or tarball."""
+    if archive.suffix in (".whl", ".zip"):
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                rel = _safe_member(info.filename, prefix)
+                if rel:
+                    yield rel, zf.open(info)
+    else:
+        with tarfile.open(archive) as tf:
+            for member in tf.getmembers():
+                rel = _safe_member(member.name, prefix)
+                if rel and member.isfile():
+                    yield rel, tf.extractfile(member)
+
+
 def fetch_package_files(name: str, dest: str | os.PathLike | None = None) -> Path:
     """Download and extract one registry example; return the folder holding its files.
 
@@ -66,26 +82,12 @@ def fetch_package_files(name: str, dest: str | os.PathLike | None = None) -> Pat
         archive = files[0]
         target.mkdir(parents=True, exist_ok=True)
         count = 0
-        if archive.suffix in (".whl", ".zip"):
-            with zipfile.ZipFile(archive) as zf:
-                for info in zf.infolist():
-                    rel = _safe_member(info.filename, prefix)
-                    if rel:
-                        out = target / rel
-                        out.parent.mkdir(parents=True, exist_ok=True)
-                        with zf.open(info) as src, open(out, "wb") as dst:
-                            shutil.copyfileobj(src, dst)
-                        count += 1
-        else:
-            with tarfile.open(archive) as tf:
-                for member in tf.getmembers():
-                    rel = _safe_member(member.name, prefix)
-                    if rel and member.isfile():
-                        out = target / rel
-                        out.parent.mkdir(parents=True, exist_ok=True)
-                        with tf.extractfile(member) as src, open(out, "wb") as dst:
-                            shutil.copyfileobj(src, dst)
-                        count += 1
+        for rel, src in _members(archive, prefix):
+            out = target / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with src as s, open(out, "wb") as dst:
+                shutil.copyfileobj(s, dst)
+            count += 1
         if count == 0:
             raise InputError(archive.name, f"no files under {prefix} in the distribution")
     done.write_text(requirement + "\n")

@@ -24,15 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..io.registry import cache_dir
 
 log = logging.getLogger("microsnoop_ray.segment")
 
 _RENAMES = (("extractor.", ""), ("tasker.upsample", "upsample"), ("tasker.base_bn", "output.0"),
             ("tasker.base_conv", "output.2"))
-
-
-def _converted_dir() -> Path:
-    return Path(os.environ.get("MICROSNOOP_CACHE", Path.home() / ".cache" / "microsnoop-ray")) / "cellpose-weights"
 
 
 def convert_cellpose_weights(path: str | os.PathLike, diameter: float = 30.0) -> Path:
@@ -71,7 +68,7 @@ def convert_cellpose_weights(path: str | os.PathLike, diameter: float = 30.0) ->
     if "downsample.down.res_down_0.conv.conv_0.2.weight" not in out:
         raise InputError(path, "state dict is not of the Cellpose architecture")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    target = _converted_dir() / f"{path.stem}-{digest}.pt"
+    target = cache_dir() / "cellpose-weights" / f"{path.stem}-{digest}.pt"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(".tmp")
