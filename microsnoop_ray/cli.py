@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import MicrosnoopError
+from .errors import InputError, MicrosnoopError
 
 log = logging.getLogger("microsnoop_ray")
 
@@ -150,6 +150,40 @@ def _cmd_fields(args: argparse.Namespace) -> int:
     return 3 if skipped else 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    import json
+
+    from .config import load_config
+    from .train.loop import TrainConfig, train_local, train_with_ray
+
+    options = load_config(args.config)
+    for key in ("name", "storage_path", "init", "output", "nepoch", "stop_epoch", "epoch_size", "input_size",
+                "batch_size", "threads"):
+        value = getattr(args, key)
+        if value is not None:
+            options[key] = str(value) if isinstance(value, Path) else value
+    if args.workers is not None:
+        options["num_workers"] = args.workers
+    if args.gpu:
+        options["use_gpu"] = True
+    try:
+        cfg = TrainConfig.from_mapping(options)
+    except (TypeError, ValueError) as exc:
+        raise InputError(args.config or "command line", str(exc)) from None
+    if args.ray:
+        import ray
+        if not ray.is_initialized():
+            ray.init(address=args.address, include_dashboard=False, log_to_driver=args.verbose)
+        result = train_with_ray(cfg)
+    else:
+        result = train_local(cfg)
+    card = result.get("model_card") or {}
+    print(json.dumps({"weights_sha256": card.get("weights_sha256"), "model_id": card.get("model_id"),
+                      "epochs": len(result.get("history", [])),
+                      "loss": [round(h["loss"], 5) for h in result.get("history", [])]}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="microsnoop-ray", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -195,6 +229,27 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     f.add_argument("-q", "--quiet", action="store_true")
     f.set_defaults(func=_cmd_fields)
+
+    t = sub.add_parser("train", help="masked-image pretraining (plain process or Ray Train)",
+                       description="Restarting with the same --name and --storage-path resumes from the last "
+                                   "per-epoch checkpoint.")
+    t.add_argument("--config", type=Path, default=None, help="YAML or TOML with the TrainConfig options")
+    t.add_argument("--name", default=None)
+    t.add_argument("--storage-path", dest="storage_path", type=Path, default=None)
+    t.add_argument("--init", type=Path, default=None, help="start from these weights (fine-tuning)")
+    t.add_argument("--output", type=Path, default=None, help="where to write the final weights")
+    t.add_argument("--nepoch", type=int, default=None)
+    t.add_argument("--stop-epoch", dest="stop_epoch", type=int, default=None)
+    t.add_argument("--epoch-size", dest="epoch_size", type=int, default=None)
+    t.add_argument("--input-size", dest="input_size", type=int, default=None)
+    t.add_argument("--batch-size", dest="batch_size", type=int, default=None)
+    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--workers", type=int, default=None, help="Ray Train workers (with --ray)")
+    t.add_argument("--gpu", action="store_true", help="train on GPU(s)")
+    t.add_argument("--ray", action=argparse.BooleanOptionalAction, default=False,
+                   help="run as a Ray Train TorchTrainer (default: one plain process)")
+    t.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    t.set_defaults(func=_cmd_train)
     return p
 
 

@@ -1,0 +1,53 @@
+"""Job configuration files (YAML or TOML) and safe output paths."""
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import InputError
+
+
+def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) mapping; ``None`` gives ``{}``."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "config file does not exist")
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise InputError(path, f"not valid {'TOML' if path.suffix.lower() == '.toml' else 'YAML'}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(path, "config must be a mapping of option names to values")
+    return data
+
+
+def save_config(config: dict, path: str | os.PathLike) -> Path:
+    """Write the resolved configuration as YAML (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".part")
+    tmp.write_text(yaml.safe_dump(config, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+def inside(root: str | os.PathLike, relative: str | os.PathLike, what: str = "path") -> Path:
+    """Resolve ``relative`` under ``root`` and refuse anything that escapes it.
+
+    Absolute paths, ``..`` components and symbolic links that lead out of ``root`` raise
+    :class:`~microsnoop_ray.errors.InputError`.
+    """
+    root = Path(root).resolve()
+    target = (root / relative).resolve()
+    if target != root and root not in target.parents:
+        raise InputError(relative, f"{what} escapes the output root {root}")
+    return target
