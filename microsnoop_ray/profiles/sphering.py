@@ -133,3 +133,72 @@ def fit_sphering(controls: np.ndarray | pd.DataFrame, method: str = "zca-cor", r
     W = (G / np.sqrt(T_reg)) @ G.T * scale[None, :]
     return Sphering(mu, W, method, regularization, epsilon if regularization == "epsilon" else None,
                     None if floor is None else float(floor), rule, len(X))
+
+
+SCOPES = ("plate", "batch", "global")
+
+
+def sphere_profiles(profiles: pd.DataFrame, controls: pd.Series | np.ndarray | None = None, scope: str = "plate",
+                    method: str = "zca-cor", regularization: str = "epsilon", epsilon: float = 1e-6,
+                    fit_on: pd.DataFrame | None = None, min_controls: int = 2,
+                    ) -> tuple[pd.DataFrame, list[dict]]:
+    """Sphere profiles with transforms fitted on negative controls, per plate, batch or globally.
+
+    Parameters
+    ----------
+    profiles : DataFrame
+        ``Metadata_*`` columns (``Metadata_Plate``/``Metadata_Batch`` for the scopes) and features.
+    controls : boolean mask over ``profiles``, optional
+        Which rows are negative controls; default ``Metadata_pert_type == "negcon"``.
+        Ignored when ``fit_on`` is given.
+    scope : {"plate", "batch", "global"}
+        One transform per plate, per batch, or one for everything.
+    fit_on : DataFrame, optional
+        Control profiles to fit on instead (e.g. control *cells* or sites, when a plate
+        has a single control well); same feature columns.
+    min_controls : int
+        Fewer control rows than this in a scope raise ValueError naming the scope.
+
+    Features that are constant over a scope's controls (an empty channel) are only
+    centred; their number is recorded in the fit.
+
+    Returns
+    -------
+    sphered : DataFrame, same rows and columns as ``profiles``
+    fits : list of dict
+        One per scope group: ``scope``, ``group``, the fit's :meth:`Sphering.describe`.
+    """
+    from .aggregate import feature_columns
+
+    if scope not in SCOPES:
+        raise ValueError(f"sphering scope must be one of {SCOPES}, not {scope!r}")
+    feats = feature_columns(profiles)
+    out = profiles.copy()
+    out[feats] = out[feats].astype(np.float64)
+    if fit_on is None:
+        if controls is None:
+            if "Metadata_pert_type" not in profiles:
+                raise ValueError("no Metadata_pert_type column: cannot find the negative controls to fit sphering on")
+            controls = profiles["Metadata_pert_type"].eq("negcon").to_numpy()
+        fit_on = profiles[np.asarray(controls, dtype=bool)]
+    key = {"plate": "Metadata_Plate", "batch": "Metadata_Batch", "global": None}[scope]
+    fits = []
+    groups = [(None, profiles.index)] if key is None else list(profiles.groupby(key, sort=True).groups.items())
+    for group, index in groups:
+        ctrl = fit_on if key is None else fit_on[fit_on[key] == group]
+        where = "all plates" if key is None else f"{scope} {group}"
+        if len(ctrl) < min_controls:
+            raise ValueError(f"{where}: {len(ctrl)} negative-control profile(s), at least {min_controls} needed to fit "
+                             f"sphering (use scope 'batch' or 'global', or fit on control cells)")
+        C = ctrl[feats].to_numpy(np.float64)
+        varying = C.var(axis=0) > 0
+        cols = [f for f, v in zip(feats, varying) if v]
+        fit = fit_sphering(C[:, varying], method, regularization, epsilon)
+        X = profiles.loc[index, feats].to_numpy(np.float64)
+        Y = X - C.mean(axis=0)  # features constant over the controls: centred only
+        Y[:, varying] = fit.transform(X[:, varying])
+        out.loc[index, feats] = Y
+        fits.append({"scope": scope, "group": None if group is None else str(group), **fit.describe(),
+                     "constant_features": int((~varying).sum())})
+    out[feats] = out[feats].astype(np.float32)
+    return out, fits

@@ -1,0 +1,468 @@
+"""The plate job: list the work, stream it through Ray Data, write and post-process the profiles.
+
+Output layout (Cell Painting Gallery, deep-learning convention) under ``out``::
+
+    embeddings/<model_id>/<batch>/<plate>/<well>-<site>/embeddings.parquet   one row per cell
+    embeddings/<model_id>/<batch>/<plate>/<well>-<site>/skipped.json         or why there is none
+    profiles/<model_id>/<batch>/<plate>/<plate>.parquet                      one row per well
+    profiles/<model_id>/<batch>/<plate>/<plate>_sphered.parquet              after sphering
+    profiles/<model_id>/treatments.parquet                                   consensus profiles
+    skipped.csv, summary.json, run_config.yaml
+
+Sites are written atomically, one file each, as soon as they are complete: a rerun lists
+what exists and sends only the missing sites through the pipeline. The post-processing
+(aggregation, plate map, sphering, treatments) is a pure function of the site files and
+is redone on every run, so its output is the same whether the run was interrupted or not.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from ..config import save_config
+from ..errors import InputError
+from ..io.tables import join_platemap, read_cell_array, read_image_table, read_platemap
+from ..io.write import write_parquet
+from ..io.zarr_plate import open_plate, split_well
+from ..profiles.aggregate import SITE_KEYS, WELL_KEYS, aggregate, feature_columns, treatment_profiles
+from ..profiles.sphering import sphere_profiles
+from .stages import CropStage, EncodeStage, SiteCollector, read_item, site_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ProfileConfig:
+    """Everything the ``profile`` command's flags and config file hold."""
+
+    inputs: list = dataclasses.field(default_factory=list)
+    out: str = "profiles-out"
+    platemap: str | None = None
+    batch: str = "default"
+    weights: str | None = None
+    mode: str = "cells"
+    segmenter: str = "auto"
+    cellpose_model: str | None = None
+    diameter: float = 30.0
+    nuclei_channel: Any = 0
+    labels: str | None = None
+    rescale_constant: float = 2.5
+    border: str = "drop"
+    tile_overlap: float = 0.1
+    normalization: str = "default"
+    max_cells_per_site: int | None = None
+    cell_table: str | None = None
+    channel_names: list | None = None
+    cells_chunk: int = 256
+    aggregation: str = "mean"
+    sphering: dict = dataclasses.field(default_factory=lambda: {"scope": "plate", "method": "zca-cor",
+                                                               "regularization": "epsilon", "epsilon": 1e-6,
+                                                               "fit_on": "wells", "fallback": None})
+    treatment_keys: list = dataclasses.field(default_factory=lambda: ["Metadata_Compound", "Metadata_Concentration"])
+    batch_size: int = 64
+    encoder_actors: int | None = None
+    encoder_cpus: float = 1.0
+    encoder_threads: int | None = None
+    crop_actors: int | None = None
+    crop_cpus: float = 0.5
+    device: str = "auto"
+    compile: bool = False
+    retry_skipped: bool = False
+    progress: bool = True
+    seed: int = 0
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any]) -> "ProfileConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown profile option(s): {', '.join(unknown)}")
+        d = dict(d)
+        if "sphering" in d and d["sphering"] is not None:
+            d["sphering"] = {**cls().sphering, **d["sphering"]}
+        cfg = cls(**d)
+        if not cfg.inputs:
+            raise ValueError("no input plates given")
+        if cfg.aggregation not in ("mean", "median"):
+            raise ValueError(f"aggregation must be mean or median, not {cfg.aggregation!r}")
+        if cfg.mode not in ("cells", "tiles", "rescale"):
+            raise ValueError(f"mode must be cells, tiles or rescale, not {cfg.mode!r}")
+        return cfg
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+
+# --------------------------------------------------------------------------- listing the work
+
+@dataclasses.dataclass
+class PlateInfo:
+    name: str
+    batch: str
+    channels: list
+    source: str
+    sites: list  # (well, site)
+
+
+def _is_plate_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / ".zattrs").exists() or (path / "zarr.json").exists())
+
+
+def list_work(cfg: ProfileConfig) -> tuple[list[dict], dict[str, PlateInfo], list[dict]]:
+    """Expand the inputs into work items (fields or cell chunks), plate descriptions and problems."""
+    items, plates, problems = [], {}, []
+
+    def add_plate(info: PlateInfo) -> None:
+        if info.name in plates:
+            raise InputError(info.source, f"plate {info.name} is also given by {plates[info.name].source}")
+        plates[info.name] = info
+
+    for raw in cfg.inputs:
+        path = Path(raw)
+        if _is_plate_folder(path):
+            plate = open_plate(path)
+            fields = list(plate.fields())
+            channels = plate.channel_names(fields[0]) if fields else []
+            nuc = _channel_index(cfg.nuclei_channel, channels, path)
+            add_plate(PlateInfo(plate.name, cfg.batch, channels, str(path), [(f.well, f.site) for f in fields]))
+            for f in fields:
+                items.append(_item("zarr", plate.name, f.well, f.site, len(channels), path=str(path), group=f.path,
+                                   nuclei_channel=nuc, labels=cfg.labels or ""))
+        elif path.suffix in (".parquet", ".csv", ".gz", ".tsv") and path.is_file():
+            table, channels = read_image_table(path)
+            nuc = _channel_index(cfg.nuclei_channel, channels, path)
+            dup = table.duplicated(["Metadata_Plate", "Metadata_Well", "Metadata_Site"], keep="first")
+            for r in table[dup].itertuples(index=False):
+                problems.append({"Metadata_Plate": r.Metadata_Plate, "Metadata_Well": r.Metadata_Well,
+                                 "Metadata_Site": r.Metadata_Site, "reason": f"duplicate field in {path.name}; "
+                                 "the first row was used"})
+            table = table[~dup]
+            for name, sub in table.groupby("Metadata_Plate", sort=True):
+                add_plate(PlateInfo(str(name), cfg.batch, channels, str(path),
+                                    list(zip(sub["Metadata_Well"], sub["Metadata_Site"].astype(int)))))
+                for r in sub.itertuples(index=False):
+                    files = [getattr(r, f"Path_{c}") for c in channels]
+                    items.append(_item("files", str(name), r.Metadata_Well, int(r.Metadata_Site), len(channels),
+                                       files=json.dumps(files), nuclei_channel=nuc))
+        elif path.suffix in (".npz", ".npy") and path.is_file():
+            arr, meta = read_cell_array(path, cfg.cell_table)
+            channels = list(cfg.channel_names or [f"ch{i}" for i in range(arr.shape[1])])
+            if len(channels) != arr.shape[1]:
+                raise InputError(path, f"{len(channels)} channel names for {arr.shape[1]} channels")
+            meta = meta.assign(_row=np.arange(len(meta)))
+            if cfg.max_cells_per_site:
+                meta = (meta.groupby(["Metadata_Plate", "Metadata_Well", "Metadata_Site"], group_keys=False)
+                        .apply(lambda g: g.sample(n=min(len(g), cfg.max_cells_per_site), random_state=cfg.seed))
+                        .sort_values("_row"))
+            sizes = meta.groupby(["Metadata_Plate", "Metadata_Well", "Metadata_Site"]).size()
+            meta["site_planes"] = [sizes[k] * len(channels) for k in
+                                   zip(meta["Metadata_Plate"], meta["Metadata_Well"], meta["Metadata_Site"])]
+            for name, sub in meta.groupby("Metadata_Plate", sort=True):
+                sites = sub[["Metadata_Well", "Metadata_Site"]].drop_duplicates()
+                add_plate(PlateInfo(str(name), str(sub["Metadata_Batch"].iloc[0]) if "Metadata_Batch" in sub
+                                    else cfg.batch, channels, str(path),
+                                    list(zip(sites["Metadata_Well"], sites["Metadata_Site"].astype(int)))))
+                for (well, site), cells in sub.groupby(["Metadata_Well", "Metadata_Site"], sort=True):
+                    rows = cells["_row"].to_numpy()
+                    # contiguous runs of rows, at most cells_chunk long
+                    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+                    for run in np.split(np.arange(len(rows)), breaks):
+                        for start in range(0, len(run), cfg.cells_chunk):
+                            part = cells.iloc[run[start:start + cfg.cells_chunk]]
+                            m = part[["Metadata_Well", "Metadata_Site", "Metadata_ObjectNumber", "site_planes"]]
+                            items.append(_item("cells", str(name), well, int(site), len(channels), path=str(path),
+                                               start=int(part["_row"].iloc[0]), stop=int(part["_row"].iloc[-1]) + 1,
+                                               cells_meta=m.to_json(orient="records")))
+        else:
+            raise InputError(path, "not an OME-Zarr plate folder, an image table (.parquet/.csv) or a cell array "
+                                   "(.npz/.npy)")
+    return items, plates, problems
+
+
+def _channel_index(value, channels: list, where) -> int:
+    if isinstance(value, str) and not value.isdigit():
+        if value not in channels:
+            raise InputError(where, f"nuclei channel {value!r} is not one of the plate's channels {channels}")
+        return channels.index(value)
+    idx = int(value)
+    if not 0 <= idx < max(1, len(channels)):
+        raise InputError(where, f"nuclei channel index {idx} is out of range for {len(channels)} channels")
+    return idx
+
+
+def _item(kind, plate, well, site, n_channels, **kw) -> dict:
+    base = {"kind": kind, "plate": plate, "well": well, "site": int(site), "n_channels": int(n_channels),
+            "path": "", "group": "", "files": "", "start": 0, "stop": 0, "cells_meta": "", "nuclei_channel": 0,
+            "labels": ""}
+    base.update(kw)
+    return base
+
+
+# --------------------------------------------------------------------------- the output layout
+
+class Layout:
+    """Paths of the output tree (every name checked to stay under ``root``)."""
+
+    def __init__(self, root: str | os.PathLike, model_id: str):
+        self.root = Path(root).resolve()
+        self.model_id = model_id
+
+    def _safe(self, *parts) -> Path:
+        for p in parts:
+            s = str(p)
+            if not s or s in (".", "..") or "/" in s or "\\" in s or "\x00" in s:
+                raise InputError(s, "is not a safe name for an output folder (plate, batch or well names must "
+                                    "not contain path separators)")
+        return self.root.joinpath(*map(str, parts))
+
+    def site_dir(self, batch, plate, well, site) -> Path:
+        return self._safe("embeddings", self.model_id, batch, plate, f"{well}-{site}")
+
+    def plate_dir(self, batch, plate) -> Path:
+        return self._safe("profiles", self.model_id, batch, plate)
+
+    def treatments(self) -> Path:
+        return self._safe("profiles", self.model_id) / "treatments.parquet"
+
+
+def site_done(layout: Layout, batch, plate, well, site, retry_skipped: bool = False) -> bool:
+    d = layout.site_dir(batch, plate, well, site)
+    return (d / "embeddings.parquet").exists() or (not retry_skipped and (d / "skipped.json").exists())
+
+
+def _atomic_json(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- running it
+
+def run_profile(cfg: ProfileConfig, progress_print=print) -> dict:
+    """Profile the plates of ``cfg`` on the current Ray cluster (``ray.init`` must have run).
+
+    Returns the summary written to ``summary.json``.
+    """
+    import ray
+
+    from ..model.load import load_model
+
+    t0 = time.perf_counter()
+    model = load_model(cfg.weights)
+    card = model.model_card
+    model_id = card.model_id if card else "microsnoop-unknown"
+    layout = Layout(cfg.out, model_id)
+    items, plates, problems = list_work(cfg)
+    save_config({**cfg.to_dict(), "model_id": model_id}, layout.root / "run_config.yaml")
+    batch_of = {p: info.batch for p, info in plates.items()}
+    todo = [it for it in items if not site_done(layout, batch_of[it["plate"]], it["plate"], it["well"], it["site"],
+                                                cfg.retry_skipped)]
+    for it in todo:  # a retried skip is replaced, never kept beside its new result
+        (layout.site_dir(batch_of[it["plate"]], it["plate"], it["well"], it["site"]) / "skipped.json").unlink(
+            missing_ok=True)
+    n_sites_todo = len({site_key(i["plate"], i["well"], i["site"]) for i in todo})
+    progress_print(f"microsnoop-ray profile: {len(plates)} plate(s), {len(items)} work item(s); "
+                   f"{n_sites_todo} site(s) to do, {sum(len(p.sites) for p in plates.values()) - n_sites_todo} "
+                   f"already done")
+    provenance = {"model_card": card.to_dict() if card else None, "mode": cfg.mode, "segmenter": cfg.segmenter,
+                  "normalization": cfg.normalization, "rescale_constant": cfg.rescale_constant,
+                  "border": cfg.border, "max_cells_per_site": cfg.max_cells_per_site}
+    counts = {"sites_written": 0, "sites_skipped": 0}
+
+    def write_site(plate, well, site, cells: pd.DataFrame) -> None:
+        batch = batch_of[plate]
+        row, col = split_well(well)
+        meta = pd.DataFrame({"Metadata_Batch": batch, "Metadata_Plate": plate, "Metadata_Well": well,
+                             "Metadata_Row": row, "Metadata_Column": col, "Metadata_Site": site},
+                            index=cells.index)
+        table = pd.concat([meta, cells], axis=1)
+        write_parquet(table, layout.site_dir(batch, plate, well, site) / "embeddings.parquet",
+                      {**provenance, "channels": plates[plate].channels})
+        counts["sites_written"] += 1
+
+    def write_skip(plate, well, site, reason) -> None:
+        _atomic_json({"reason": reason}, layout.site_dir(batch_of[plate], plate, well, site) / "skipped.json")
+        counts["sites_skipped"] += 1
+
+    if todo:
+        collector = SiteCollector(write_site, write_skip, {p: i.channels for p, i in plates.items()})
+        for batch in build_dataset(cfg, todo).iter_batches(batch_size=None, batch_format="numpy"):
+            collector.add(batch)
+        if collector.incomplete():
+            raise RuntimeError(f"{len(collector.incomplete())} site(s) did not receive all their planes: "
+                               f"{collector.incomplete()[:5]}")
+    summary = postprocess(cfg, plates, layout, problems, provenance)
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    summary["this_run"] = counts
+    _atomic_json(summary, layout.root / "summary.json")
+    for plate, s in summary["plates"].items():
+        progress_print(f"  {plate}: {s['wells']} wells, {s['sites']} sites, {s['cells']} cells, "
+                       f"{s['sites_skipped']} site(s) skipped")
+    return summary
+
+
+def build_dataset(cfg: ProfileConfig, items: list[dict]):
+    """The Ray Data pipeline over work items (resources taken from the running cluster)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = bool(cfg.progress)
+    res = ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 1)), float(res.get("GPU", 0))
+    use_gpu = cfg.device in ("auto", "cuda") and gpus >= 1
+    n_enc = cfg.encoder_actors or (int(gpus) if use_gpu else 1)
+    enc_cpus = 0.0 if use_gpu else float(cfg.encoder_cpus)
+    # leave room for the read tasks: actor pools that reserve every CPU would starve them
+    spare = cpus - n_enc * enc_cpus - 0.5
+    n_crop = cfg.crop_actors or max(1, int(spare // cfg.crop_cpus))
+    read_cpus = min(0.25, max(0.05, spare))
+    log.info("pipeline: %d crop actor(s) x %.2f CPU, %d encoder actor(s) x %s, reads %.2f CPU", n_crop,
+             cfg.crop_cpus, n_enc, "1 GPU" if use_gpu else f"{enc_cpus} CPU", read_cpus)
+    options = {k: getattr(cfg, k) for k in ("mode", "segmenter", "cellpose_model", "diameter", "rescale_constant",
+                                            "border", "tile_overlap", "normalization", "max_cells_per_site", "seed")}
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
+    ds = ds.map(read_item, num_cpus=read_cpus)
+    ds = ds.map_batches(CropStage, fn_constructor_args=(options,), batch_size=1, batch_format="numpy",
+                        compute=ActorPoolStrategy(min_size=1, max_size=n_crop), num_cpus=cfg.crop_cpus)
+    enc_res = {"num_gpus": 1} if use_gpu else {"num_cpus": enc_cpus}
+    ds = ds.map_batches(EncodeStage, fn_constructor_kwargs={"weights": cfg.weights, "device": "cuda" if use_gpu
+                                                            else "cpu", "threads": cfg.encoder_threads,
+                                                            "compile": cfg.compile},
+                        batch_size=cfg.batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=n_enc),
+                        **enc_res)
+    return ds
+
+
+# --------------------------------------------------------------------------- post-processing (pure)
+
+def read_sites(layout: Layout, plates: dict[str, PlateInfo], method: str = "mean",
+               ) -> tuple[pd.DataFrame, list[dict]]:
+    """Site profiles from the written site files (one file in memory at a time), and what is missing."""
+    rows, skipped = [], []
+    for plate, info in sorted(plates.items()):
+        for well, site in sorted(set(info.sites)):
+            d = layout.site_dir(info.batch, plate, well, site)
+            f = d / "embeddings.parquet"
+            if f.exists():
+                cells = pd.read_parquet(f)
+                keys = SITE_KEYS + ["Metadata_Row", "Metadata_Column"]
+                rows.append(aggregate(cells[keys + feature_columns(cells)], keys, method))
+            else:
+                reason = json.loads((d / "skipped.json").read_text())["reason"] if (d / "skipped.json").exists() \
+                    else "not processed (interrupted run? rerun the same command)"
+                skipped.append({"Metadata_Plate": plate, "Metadata_Well": well, "Metadata_Site": site,
+                                "reason": reason})
+    sites = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+    return sites, skipped
+
+
+def postprocess(cfg: ProfileConfig, plates: dict[str, PlateInfo], layout: Layout, problems: list[dict],
+                provenance: dict) -> dict:
+    """Site -> well aggregation, plate map, sphering, treatments; writes every profile file."""
+    sites, skipped = read_sites(layout, plates, cfg.aggregation)
+    skipped = problems + skipped
+    summary = {"model_id": layout.model_id, "out": str(layout.root), "plates": {}, "outputs": [],
+               "aggregation": cfg.aggregation, "sphering": None}
+    if sites.empty:
+        _write_skipped(skipped, layout)
+        summary["plates"] = {p: {"wells": 0, "sites": 0, "cells": 0, "sites_skipped": len(i.sites)}
+                             for p, i in plates.items()}
+        return summary
+    wells = aggregate(sites.drop(columns=["Metadata_Site"]), WELL_KEYS + ["Metadata_Row", "Metadata_Column"],
+                      cfg.aggregation)
+    wells = wells.rename(columns={"Metadata_Object_Count": "Metadata_Object_Count"})
+    n_sites = sites.groupby(["Metadata_Plate", "Metadata_Well"]).size().rename("Metadata_Site_Count").reset_index()
+    wells = wells.merge(n_sites, on=["Metadata_Plate", "Metadata_Well"], how="left")
+    platemap = read_platemap(cfg.platemap) if cfg.platemap else None
+    wells, map_problems = join_platemap(wells, platemap)
+    skipped += [dict(p, Metadata_Site=None) for p in map_problems]
+    feats = feature_columns(wells)
+    wells = wells[[c for c in wells.columns if c not in feats] + feats]
+    prov = {**provenance, "aggregation": f"cell->site {cfg.aggregation}, site->well {cfg.aggregation}"}
+    for plate, sub in wells.groupby("Metadata_Plate", sort=True):
+        info = plates[plate]
+        path = write_parquet(sub.reset_index(drop=True), layout.plate_dir(info.batch, plate) / f"{plate}.parquet",
+                             {**prov, "channels": info.channels, "level": "well"})
+        summary["outputs"].append({"level": "well", "plate": plate, "path": str(path.relative_to(layout.root)),
+                                   "rows": len(sub)})
+    final = wells
+    sph = cfg.sphering or {}
+    if sph.get("scope") not in (None, "none"):
+        final, fits = _sphere(cfg, wells, layout, plates)
+        summary["sphering"] = {"scope_requested": sph["scope"], "fit_on": sph.get("fit_on", "wells"), "fits": fits}
+        for plate, sub in final.groupby("Metadata_Plate", sort=True):
+            info = plates[plate]
+            path = write_parquet(sub.reset_index(drop=True),
+                                 layout.plate_dir(info.batch, plate) / f"{plate}_sphered.parquet",
+                                 {**prov, "channels": info.channels, "level": "well", "sphering":
+                                  [f for f in fits if f["group"] in (None, plate, info.batch)]})
+            summary["outputs"].append({"level": "well (sphered)", "plate": plate,
+                                       "path": str(path.relative_to(layout.root)), "rows": len(sub)})
+    keys = [k for k in cfg.treatment_keys if k in final.columns]
+    if keys and len(keys) == len(cfg.treatment_keys):
+        treat = treatment_profiles(final, keys, cfg.aggregation)
+        path = write_parquet(treat, layout.treatments(), {**prov, "level": "treatment", "keys": keys,
+                                                          "sphering": summary["sphering"]})
+        summary["outputs"].append({"level": "treatment", "plate": "all", "path": str(path.relative_to(layout.root)),
+                                   "rows": len(treat)})
+    _write_skipped(skipped, layout)
+    for plate, info in sorted(plates.items()):
+        s = sites[sites["Metadata_Plate"] == plate]
+        summary["plates"][plate] = {
+            "batch": info.batch, "wells": int(s["Metadata_Well"].nunique()), "sites": int(len(s)),
+            "cells": int(s["Metadata_Object_Count"].sum()),
+            "sites_skipped": int(sum(1 for k in skipped if k["Metadata_Plate"] == plate
+                                     and k.get("Metadata_Site") is not None))}
+    summary["skipped"] = len(skipped)
+    return summary
+
+
+def _sphere(cfg: ProfileConfig, wells: pd.DataFrame, layout: Layout, plates: dict) -> tuple[pd.DataFrame, list]:
+    sph = dict(cfg.sphering)
+    if "Metadata_pert_type" not in wells:
+        raise InputError(cfg.platemap or "plate map", "sphering needs Metadata_pert_type (negcon controls) in the "
+                                                       "plate map; set sphering.scope: none to skip it")
+    fit_on = None
+    if sph.get("fit_on", "wells") in ("cells", "sites"):
+        parts = []
+        for r in wells[wells["Metadata_pert_type"] == "negcon"].itertuples(index=False):
+            info = plates[r.Metadata_Plate]
+            for well, site in info.sites:
+                f = layout.site_dir(info.batch, r.Metadata_Plate, well, site) / "embeddings.parquet"
+                if well == r.Metadata_Well and f.exists():
+                    cells = pd.read_parquet(f)
+                    if sph["fit_on"] == "sites":
+                        cells = aggregate(cells[SITE_KEYS + feature_columns(cells)], SITE_KEYS, cfg.aggregation)
+                    parts.append(cells)
+        fit_on = pd.concat(parts, ignore_index=True) if parts else wells.iloc[:0]
+    kw = dict(method=sph.get("method", "zca-cor"), regularization=sph.get("regularization", "epsilon"),
+              epsilon=float(sph.get("epsilon", 1e-6)), fit_on=fit_on)
+    try:
+        return sphere_profiles(wells, scope=sph["scope"], **kw)
+    except ValueError as exc:
+        if not sph.get("fallback"):
+            raise InputError("sphering", f"{exc}") from None
+        log.warning("sphering with scope %s failed (%s); falling back to scope %s", sph["scope"], exc,
+                    sph["fallback"])
+        out, fits = sphere_profiles(wells, scope=sph["fallback"], **kw)
+        for f in fits:
+            f["fallback_from"] = sph["scope"]
+        return out, fits
+
+
+def _write_skipped(skipped: list[dict], layout: Layout) -> None:
+    df = pd.DataFrame(skipped, columns=["Metadata_Plate", "Metadata_Well", "Metadata_Site", "reason"])
+    layout.root.mkdir(parents=True, exist_ok=True)
+    tmp = layout.root / ".skipped.csv.tmp"
+    df.sort_values(["Metadata_Plate", "Metadata_Well"], kind="stable").to_csv(tmp, index=False)
+    os.replace(tmp, layout.root / "skipped.csv")

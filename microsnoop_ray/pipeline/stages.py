@@ -1,0 +1,308 @@
+"""The stages of the plate pipeline as plain callables (Ray Data wraps them in plate_job.py).
+
+Data flow, one row per *work item* (a field of view, or a chunk of pre-cropped cells):
+
+``read_item`` (task) -> ``CropStage`` (CPU actor: segment, crop, pad, normalise; one row
+per one-channel plane) -> ``EncodeStage`` (encoder actor: plane -> 256 features) ->
+:class:`SiteCollector` on the driver, which writes every site as soon as all its planes
+have arrived.
+
+Every plane row carries the number of planes its site produces (``site_planes``), so the
+collector knows when a site is complete; a site that produces nothing sends one row of
+kind ``SKIP`` with the reason, so every input is accounted for.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import InputError
+from ..model import EMBED_DIM, INPUT_SIZE
+from ..preprocess import normalize_percentile, pad_center
+
+log = logging.getLogger(__name__)
+
+PLANE, SKIP = 0, 1
+_OBJECT_COLUMNS = ["Metadata_ObjectNumber", "Metadata_Location_Center_X", "Metadata_Location_Center_Y",
+                   "Metadata_Object_Area", "Metadata_Crop_Top", "Metadata_Crop_Bottom", "Metadata_Crop_Left",
+                   "Metadata_Crop_Right"]
+
+
+def site_key(plate: str, well: str, site: int) -> str:
+    return f"{plate}|{well}|{int(site)}"
+
+
+# --------------------------------------------------------------------------- read (tasks)
+
+def read_item(item: dict) -> dict:
+    """Read the pixels of one work item; errors become ``error`` text, never exceptions.
+
+    Items of kind ``zarr`` (``path`` = plate folder, ``group`` = image group), ``files``
+    (``files`` = JSON list of one path per channel) and ``cells`` (``path`` = cell array,
+    ``start``/``stop`` rows).
+    """
+    row = dict(item)
+    row["error"] = ""
+    where = f"plate {item['plate']}, well {item['well']}, site {item['site']}"
+    try:
+        if item["kind"] == "zarr":
+            from ..io.zarr_plate import FieldRef, open_plate
+            plate = open_plate(item["path"], name=item["plate"])
+            ref = FieldRef(item["plate"], item["well"], int(item["site"]), item["group"])
+            image = plate.read(ref)
+            if item.get("labels"):
+                lab = plate.read_labels(ref, item["labels"])
+                row["labels"] = lab if lab is not None else np.zeros((0, 0), np.int32)
+        elif item["kind"] == "files":
+            from ..io.fields import read_field
+            planes = [read_field(p) for p in json.loads(item["files"])]
+            shapes = {p.shape[1:] for p in planes}
+            if len(shapes) != 1:
+                raise InputError(where, f"channel images differ in size: {sorted(shapes)}")
+            image = np.concatenate(planes, axis=0)
+        elif item["kind"] == "cells":
+            arr = np.load(item["path"], mmap_mode="r", allow_pickle=False)
+            arr = arr["images"] if isinstance(arr, np.lib.npyio.NpzFile) else arr
+            image = np.ascontiguousarray(arr[int(item["start"]):int(item["stop"])])
+        else:
+            raise ValueError(f"unknown item kind {item['kind']!r}")
+        n_channels = int(item["n_channels"])
+        got = image.shape[0] if item["kind"] != "cells" else (image.shape[1] if image.ndim == 4 else 1)
+        if got != n_channels:
+            raise InputError(where, f"{got} channels, but the plate has {n_channels}")
+        row["image"] = image
+    except Exception as exc:  # reported per item; the job goes on
+        msg = str(exc) if isinstance(exc, InputError) else f"{where}: {type(exc).__name__}: {exc}"
+        row["error"] = msg
+        row["image"] = np.zeros((0,), np.uint8)
+    return row
+
+
+# --------------------------------------------------------------------------- crop (CPU actors)
+
+def _plane_rows(item: dict, objects: pd.DataFrame, crops: np.ndarray, site_planes: int | None = None,
+                sites: np.ndarray | None = None, normalization: str = "default") -> dict:
+    """One output row per (object, channel) plane, padded and normalised."""
+    m, c = crops.shape[:2]
+    planes = normalize_percentile(pad_center(crops.reshape((m * c,) + crops.shape[2:]).astype(np.float32),
+                                             INPUT_SIZE), mode=normalization)
+    n = m * c
+    obj = objects.reset_index(drop=True)
+    cols = {}
+    for k in _OBJECT_COLUMNS:
+        vals = obj[k].to_numpy(np.float64) if k in obj else np.full(m, np.nan)
+        cols[k] = np.repeat(vals, c)
+    if sites is None:
+        sites = np.full(m, int(item["site"]))
+    return {
+        "plate": np.full(n, item["plate"], dtype=object), "well": np.full(n, item["well"], dtype=object),
+        "site": np.repeat(np.asarray(sites, np.int64), c), "channel": np.tile(np.arange(c, dtype=np.int64), m),
+        "kind": np.full(n, PLANE, np.int64),
+        "site_planes": np.full(n, site_planes if site_planes is not None else n, np.int64)
+        if not isinstance(site_planes, np.ndarray) else np.repeat(site_planes, c),
+        "reason": np.full(n, "", dtype=object), **cols, "plane": planes,
+    }
+
+
+def _skip_row(item: dict, reason: str, site: int | None = None) -> dict:
+    row = {"plate": np.array([item["plate"]], object), "well": np.array([item["well"]], object),
+           "site": np.array([int(site if site is not None else item["site"])]), "channel": np.array([0]),
+           "kind": np.array([SKIP]), "site_planes": np.array([1]), "reason": np.array([reason], object)}
+    for k in _OBJECT_COLUMNS:
+        row[k] = np.array([np.nan])
+    row["plane"] = np.zeros((1, INPUT_SIZE, INPUT_SIZE), np.float32)
+    return row
+
+
+def _concat(rows: list[dict]) -> dict:
+    return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+
+
+class CropStage:
+    """Segmentation and cropping of fields; padding and normalisation of every plane.
+
+    Holds the segmenter (e.g. the Cellpose network) once per actor.
+
+    Parameters
+    ----------
+    options : dict
+        ``mode``, ``segmenter``, ``cellpose_model``, ``diameter``, ``nuclei_channel``,
+        ``rescale_constant``, ``border``, ``tile_overlap``, ``normalization``,
+        ``max_cells_per_site``, ``seed``.
+    """
+
+    def __init__(self, options: dict):
+        self.o = dict(options)
+        self._segment = None
+
+    def segmenter(self):
+        if self._segment is None:
+            from ..segment import make_segmenter
+            self._segment, _ = make_segmenter(self.o.get("segmenter", "auto"), self.o.get("cellpose_model"),
+                                              float(self.o.get("diameter", 30.0)))
+        return self._segment
+
+    def _subsample(self, n: int, key: str) -> np.ndarray:
+        cap = self.o.get("max_cells_per_site")
+        if not cap or n <= cap:
+            return np.arange(n)
+        rng = np.random.default_rng([int(self.o.get("seed", 0))] + [ord(ch) for ch in key])
+        return np.sort(rng.choice(n, size=int(cap), replace=False))
+
+    def process(self, item: dict) -> dict:
+        """One work item (with its ``image``) -> plane rows."""
+        if item.get("error"):
+            return _skip_row(item, item["error"])
+        image = item["image"]
+        if item["kind"] == "cells":
+            return self._cells(item, image)
+        from ..fields import prepare_field
+        where = f"plate {item['plate']}, well {item['well']}, site {item['site']}"
+        mode = self.o.get("mode", "cells")
+        labels = item.get("labels")
+        if mode == "cells" and (labels is None or getattr(labels, "size", 0) == 0):
+            if image.dtype.kind in "uif" and np.isfinite(image).all() and image.max() > image.min():
+                labels = self.segmenter()([np.asarray(image[int(item["nuclei_channel"])], np.float32)])[0]
+            else:
+                labels = np.zeros(image.shape[1:], np.int32)
+        prep = prepare_field(image, mode, labels=labels, rescale_constant=float(self.o.get("rescale_constant", 2.5)),
+                             border=self.o.get("border", "drop"), tile_overlap=float(self.o.get("tile_overlap", 0.1)),
+                             where=where)
+        if prep.skip_reason is not None:
+            return _skip_row(item, prep.skip_reason)
+        objects = prep.objects
+        if "Metadata_ObjectNumber" not in objects:
+            objects = objects.assign(Metadata_ObjectNumber=np.arange(1, len(prep.crops) + 1))
+        keep = self._subsample(len(prep.crops), site_key(item["plate"], item["well"], item["site"]))
+        return _plane_rows(item, objects.iloc[keep], prep.crops[keep], normalization=self.o.get("normalization",
+                                                                                                 "default"))
+
+    def _cells(self, item: dict, cells: np.ndarray) -> dict:
+        meta = pd.DataFrame(json.loads(item["cells_meta"]))
+        if cells.ndim == 3:
+            cells = cells[:, None]
+        if cells.shape[-1] > INPUT_SIZE or cells.shape[-2] > INPUT_SIZE:
+            return _skip_row(item, f"plate {item['plate']}: cells of {cells.shape[-2]}x{cells.shape[-1]} are larger "
+                                   f"than {INPUT_SIZE}")
+        bad = ~np.isfinite(cells.reshape(len(cells), -1)).all(axis=1)
+        rows = []
+        if bad.any():  # such cells are dropped and counted out of their site's total
+            log.warning("plate %s: %d cells with NaN pixels dropped", item["plate"], int(bad.sum()))
+        good = ~bad
+        meta = meta[good].reset_index(drop=True)
+        cells = cells[good]
+        if len(cells):
+            rows.append(_plane_rows(item, meta, cells, site_planes=meta["site_planes"].to_numpy(np.int64),
+                                    sites=meta["Metadata_Site"].to_numpy(), normalization=self.o.get("normalization",
+                                                                                                     "default")))
+            rows[-1]["well"] = np.repeat(meta["Metadata_Well"].to_numpy(object), cells.shape[1])
+        return _concat(rows) if rows else _skip_row(item, "every cell of the chunk has NaN pixels")
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["plate"])
+        rows = []
+        for i in range(n):
+            rows.append(self.process({k: v[i] for k, v in batch.items()}))
+        return _concat(rows)
+
+
+# --------------------------------------------------------------------------- encode (actor pool)
+
+class EncodeStage:
+    """Runs the encoder on normalised planes; the model is loaded once per actor.
+
+    Parameters
+    ----------
+    weights : str or None
+        Checkpoint path (None: the shipped default weights).
+    device : {"auto", "cpu", "cuda"}
+    threads : int, optional
+        Torch threads (default: the CPUs of this node).
+    compile : bool
+        ``torch.compile`` the encoder (worth it for long runs; see benchmarks/encoder.py).
+    """
+
+    def __init__(self, weights: str | None = None, device: str = "auto", threads: int | None = None,
+                 compile: bool = False):
+        import torch
+
+        from ..encode import Encoder
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            torch.set_num_threads(int(threads or len(os.sched_getaffinity(0))))
+        self.encoder = Encoder(weights, device=device, compile=compile)
+
+    def __call__(self, batch: dict) -> dict:
+        planes = batch.pop("plane")
+        feats = np.zeros((len(planes), EMBED_DIM), np.float32)
+        real = batch["kind"] == PLANE
+        if real.any():
+            feats[real] = self.encoder(planes[real])
+        batch["features"] = feats
+        return batch
+
+
+# --------------------------------------------------------------------------- collect + write (driver)
+
+class SiteCollector:
+    """Gathers encoded planes per site and writes each site once it is complete.
+
+    Parameters
+    ----------
+    write_site : callable(plate, well, site, cells DataFrame) -> None
+    write_skip : callable(plate, well, site, reason) -> None
+    channels : dict plate -> list of channel names
+    """
+
+    def __init__(self, write_site, write_skip, channels: dict[str, list[str]]):
+        self.write_site, self.write_skip, self.channels = write_site, write_skip, channels
+        self.pending: dict[str, list[dict]] = {}
+        self.received: dict[str, int] = {}
+        self.sites_done = 0
+
+    def add(self, batch: dict) -> None:
+        keys = [site_key(p, w, s) for p, w, s in zip(batch["plate"], batch["well"], batch["site"])]
+        order = pd.Series(range(len(keys)), index=keys)
+        for key, idx in order.groupby(level=0):
+            part = {k: np.asarray(v)[idx.to_numpy()] for k, v in batch.items()}
+            self.pending.setdefault(key, []).append(part)
+            self.received[key] = self.received.get(key, 0) + len(idx)
+            if self.received[key] >= int(part["site_planes"][0]):
+                self._finish(key)
+
+    def _finish(self, key: str) -> None:
+        parts = self.pending.pop(key)
+        self.received.pop(key)
+        rows = _concat(parts)
+        plate, well, site = key.split("|")
+        site = int(site)
+        if (rows["kind"] == SKIP).any():
+            self.write_skip(plate, well, site, str(rows["reason"][rows["kind"] == SKIP][0]))
+        else:
+            self.write_site(plate, well, site, assemble_cells(rows, self.channels[plate]))
+        self.sites_done += 1
+
+    def incomplete(self) -> list[str]:
+        return sorted(self.pending)
+
+
+def assemble_cells(rows: dict, channels: list[str]) -> pd.DataFrame:
+    """Plane rows of one site -> one row per object with its channels' features side by side."""
+    from ..encode import feature_names
+    c = len(channels)
+    order = np.lexsort((rows["channel"], rows["Metadata_ObjectNumber"]))
+    feats = rows["features"][order].reshape(-1, c * EMBED_DIM)
+    first = order[::c]
+    meta = pd.DataFrame({k: rows[k][first] for k in _OBJECT_COLUMNS})
+    meta["Metadata_ObjectNumber"] = meta["Metadata_ObjectNumber"].astype(np.int64)
+    for k in ("Metadata_Crop_Top", "Metadata_Crop_Bottom", "Metadata_Crop_Left", "Metadata_Crop_Right",
+              "Metadata_Object_Area"):
+        if meta[k].isna().all():
+            meta = meta.drop(columns=k)
+    return pd.concat([meta.reset_index(drop=True), pd.DataFrame(feats, columns=feature_names(channels))], axis=1)
