@@ -184,6 +184,87 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+_PROFILE_FLAGS = ("platemap", "batch", "weights", "mode", "segmenter", "cellpose_model", "diameter", "nuclei_channel",
+                  "labels", "rescale_constant", "border", "normalization", "max_cells_per_site", "cell_table",
+                  "aggregation", "batch_size", "encoder_actors", "crop_actors", "device", "compile", "retry_skipped")
+
+
+def profile_options(args: argparse.Namespace) -> dict:
+    """Config file values, overridden by the flags that were given."""
+    from .config import load_config
+
+    options = load_config(args.config)
+    if args.plates:
+        options["inputs"] = [str(p) for p in args.plates]
+    if args.out is not None:
+        options["out"] = str(args.out)
+    for key in _PROFILE_FLAGS:
+        value = getattr(args, key, None)
+        if value is not None:
+            options[key] = str(value) if isinstance(value, Path) else value
+    if args.channel_names:
+        options["channel_names"] = args.channel_names.split(",")
+    sph = dict(options.get("sphering") or {})
+    for key in ("scope", "method", "regularization", "epsilon", "fit_on", "fallback"):
+        value = getattr(args, f"sphering_{key}", None)
+        if value is not None:
+            sph[key] = value
+    if sph:
+        options["sphering"] = sph
+    if args.quiet:
+        options["progress"] = False
+    return options
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    import os
+
+    import ray
+
+    from .pipeline.plate_job import ProfileConfig, run_profile
+
+    try:
+        cfg = ProfileConfig.from_mapping(profile_options(args))
+    except (TypeError, ValueError) as exc:
+        raise InputError(args.config or "command line", str(exc)) from None
+    started = False
+    if not ray.is_initialized():
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=args.verbose)
+        else:  # embedded local Ray, started and stopped by this command
+            ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=args.verbose,
+                     object_store_memory=args.object_store_mb * 2**20 if args.object_store_mb else None)
+            started = True
+    try:
+        summary = run_profile(cfg, progress_print=(lambda *a: None) if args.quiet else print)
+    finally:
+        if started:
+            ray.shutdown()
+    out = Path(summary["out"])
+    if not args.quiet:
+        print(f"profiles in {out} (summary.json, skipped.csv); {summary['skipped']} input(s) skipped")
+    return 3 if summary["skipped"] else 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .io.convert import convert_folder, convert_table
+
+    if args.load_data:
+        for p in convert_table(args.load_data, args.out, version=args.ngff):
+            print(p)
+        return 0
+    if not (args.folder and args.pattern):
+        raise InputError("convert", "give a folder with --pattern, or --load-data TABLE")
+    names = None
+    if args.channel_names:
+        pairs = [c.split("=", 1) for c in args.channel_names.split(",")]
+        names = {k: v for k, v in pairs} if all(len(p) == 2 for p in pairs) else [p[0] for p in pairs]
+    out = args.out if args.out.suffix == ".zarr" else args.out / f"{args.plate or args.folder.name}.zarr"
+    print(convert_folder(args.folder, args.pattern, out, plate=args.plate, channel_names=names, version=args.ngff))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="microsnoop-ray", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -250,6 +331,63 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run as a Ray Train TorchTrainer (default: one plain process)")
     t.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
     t.set_defaults(func=_cmd_train)
+
+    pr = sub.add_parser("profile", help="profile plates end to end on Ray (cells -> sites -> wells -> treatments)",
+                        description="Inputs: OME-Zarr HCS plates (NGFF 0.4/0.5), image tables (.parquet/.csv, "
+                                    "load_data.csv columns) or cell arrays (.npz + cells.csv). Rerunning the same "
+                                    "command does only the missing sites. Exit status: 0 everything profiled, "
+                                    "3 something skipped (skipped.csv), 2 error.")
+    pr.add_argument("plates", type=Path, nargs="*", help="inputs (or 'inputs' in the config file)")
+    pr.add_argument("--out", type=Path, default=None, help="output root")
+    pr.add_argument("--config", type=Path, default=None, help="YAML/TOML with any of these options")
+    pr.add_argument("--platemap", type=Path, default=None)
+    pr.add_argument("--batch", default=None, help="Metadata_Batch of the plates (default 'default')")
+    pr.add_argument("--weights", type=Path, default=None, help="default: the shipped weights")
+    pr.add_argument("--mode", choices=("cells", "tiles", "rescale"), default=None)
+    pr.add_argument("--segmenter", choices=("auto", "cellpose", "classical"), default=None)
+    pr.add_argument("--cellpose-model", dest="cellpose_model", default=None)
+    pr.add_argument("--diameter", type=float, default=None)
+    pr.add_argument("--nuclei-channel", dest="nuclei_channel", default=None, help="name or index")
+    pr.add_argument("--labels", default=None, help="use this NGFF label image of each field instead of segmenting")
+    pr.add_argument("--rescale-constant", dest="rescale_constant", type=float, default=None)
+    pr.add_argument("--border", choices=("drop", "faithful", "keep"), default=None)
+    pr.add_argument("--normalization", choices=("default", "faithful"), default=None)
+    pr.add_argument("--max-cells-per-site", dest="max_cells_per_site", type=int, default=None,
+                    help="random subsample of cells per site (seeded)")
+    pr.add_argument("--cell-table", dest="cell_table", type=Path, default=None, help="metadata of a cell array")
+    pr.add_argument("--channel-names", dest="channel_names", default=None, help="for cell arrays: a,b,c")
+    pr.add_argument("--aggregation", choices=("mean", "median"), default=None)
+    pr.add_argument("--sphering-scope", dest="sphering_scope", choices=("plate", "batch", "global", "none"),
+                    default=None)
+    pr.add_argument("--sphering-method", dest="sphering_method", choices=("zca-cor", "zca"), default=None)
+    pr.add_argument("--sphering-regularization", dest="sphering_regularization", choices=("epsilon", "faithful"),
+                    default=None)
+    pr.add_argument("--sphering-epsilon", dest="sphering_epsilon", type=float, default=None)
+    pr.add_argument("--sphering-fit-on", dest="sphering_fit_on", choices=("wells", "sites", "cells"), default=None)
+    pr.add_argument("--sphering-fallback", dest="sphering_fallback", choices=("batch", "global"), default=None,
+                    help="scope to use when a plate has too few controls (recorded in the output)")
+    pr.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="planes per encoder call")
+    pr.add_argument("--encoder-actors", dest="encoder_actors", type=int, default=None)
+    pr.add_argument("--crop-actors", dest="crop_actors", type=int, default=None)
+    pr.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    pr.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    pr.add_argument("--retry-skipped", dest="retry_skipped", action="store_true", default=None)
+    pr.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded Ray)")
+    pr.add_argument("--num-cpus", dest="num_cpus", type=int, default=None, help="embedded Ray: CPUs (default all)")
+    pr.add_argument("--object-store-mb", dest="object_store_mb", type=int, default=None)
+    pr.add_argument("-q", "--quiet", action="store_true")
+    pr.set_defaults(func=_cmd_profile)
+
+    cv = sub.add_parser("convert", help="write an OME-Zarr plate from TIFFs + a file-name pattern, or load_data.csv")
+    cv.add_argument("folder", type=Path, nargs="?", default=None)
+    cv.add_argument("--pattern", default=None,
+                    help=r"regex with groups well (or row, column), site, channel, e.g. '(?P<well>[A-P]\d\d)f(?P<site>\d\d)d(?P<channel>\d)'")
+    cv.add_argument("--load-data", dest="load_data", type=Path, default=None, help="image table instead of a folder")
+    cv.add_argument("--plate", default=None, help="plate name (default: the folder name)")
+    cv.add_argument("--channel-names", dest="channel_names", default=None, help="token=name,... or names in order")
+    cv.add_argument("--ngff", choices=("0.4", "0.5"), default="0.4")
+    cv.add_argument("--out", type=Path, required=True, help="plate.zarr, or a folder for <plate>.zarr")
+    cv.set_defaults(func=_cmd_convert)
     return p
 
 

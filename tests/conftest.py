@@ -68,3 +68,50 @@ def stardist_nuclei(registry_example):
     import tifffile
     folder = registry_example("stardist-nuclei")
     return tifffile.imread(folder / "img2d.tif"), tifffile.imread(folder / "mask2d.tif").astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One small local Ray runtime for the whole test session (2 CPUs, no dashboard)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=False,
+             configure_logging=False)
+    import ray.data
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def untrained_weights(tmp_path_factory):
+    """A randomly initialised network in the microsnoop-ray format (fixed seed)."""
+    from microsnoop_ray.demo import untrained_checkpoint
+
+    return untrained_checkpoint(tmp_path_factory.mktemp("weights") / "untrained.pt")
+
+
+TRANSFLUOR = shared("pretrain", "cellprofiler_examples", "ExampleIlluminationCorrection", "images")
+TRANSFLUOR_PATTERN = r"AS_\d+_\d+_(?P<well>[A-P]\d{2})f(?P<site>\d{2})d(?P<channel>\d)\.TIF"
+
+
+@pytest.fixture(scope="session")
+def transfluor_plate(tmp_path_factory):
+    """The real Transfluor row (wells O01-O08, 3 fields each) as an NGFF 0.4 plate, with a plate map."""
+    import shutil
+
+    from microsnoop_ray.io.convert import convert_folder
+
+    src = tmp_path_factory.mktemp("transfluor-src")
+    for f in TRANSFLUOR.glob("AS_*_O0[1-8]f*d2.TIF"):
+        shutil.copy(f, src / f.name)
+    root = tmp_path_factory.mktemp("plates")
+    plate = convert_folder(src, TRANSFLUOR_PATTERN, root / "Transfluor.zarr", channel_names={"2": "GFP"},
+                           version="0.4")
+    wells = [f"O{c:02d}" for c in range(1, 9)]
+    pm = pd.DataFrame({"well_position": wells,
+                       "pert_type": ["negcon"] * 3 + ["trt"] * 5,
+                       "Compound": ["DMSO"] * 3 + ["cpdA", "cpdA", "cpdB", "cpdB", "cpdB"],
+                       "Concentration": [0.0] * 3 + [1.0, 1.0, 2.0, 2.0, 2.0]})
+    pm.to_csv(root / "platemap.csv", index=False)
+    return plate, root / "platemap.csv"

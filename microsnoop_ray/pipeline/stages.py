@@ -305,4 +305,6 @@ def assemble_cells(rows: dict, channels: list[str]) -> pd.DataFrame:
               "Metadata_Object_Area"):
         if meta[k].isna().all():
             meta = meta.drop(columns=k)
+        elif k != "Metadata_Object_Area" or not meta[k].isna().any():
+            meta[k] = meta[k].astype(np.int64)
     return pd.concat([meta.reset_index(drop=True), pd.DataFrame(feats, columns=feature_names(channels))], axis=1)

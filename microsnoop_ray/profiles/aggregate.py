@@ -63,7 +63,7 @@ def aggregate(df, by: Sequence[str], method: str = "mean", features: Sequence[st
     if _is_dask(df):
         values, counts = values.compute(), counts.compute()
         if keep_constant_metadata and meta_cols:
-            nunique = grouped[meta_cols].nunique(dropna=False).compute() if meta_cols else None
+            nunique = pd.DataFrame({c: grouped[c].nunique().compute() for c in meta_cols})
             firsts = grouped[meta_cols].first().compute()
     elif keep_constant_metadata and meta_cols:
         nunique = grouped[meta_cols].nunique(dropna=False)

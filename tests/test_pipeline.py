@@ -1,0 +1,134 @@
+"""The Ray Data plate pipeline on real images (one 2-CPU Ray runtime for the session)."""
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import shared
+from microsnoop_ray.encode import embed
+from microsnoop_ray.io.zarr_plate import open_plate
+from microsnoop_ray.pipeline.plate_job import ProfileConfig, run_profile
+
+
+def _digest(root):
+    files = sorted(p for p in root.rglob("*.parquet")) + [root / "skipped.csv"]
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.fixture(scope="module")
+def profiled(ray_session, transfluor_plate, untrained_weights, tmp_path_factory):
+    plate, platemap = transfluor_plate
+    out = tmp_path_factory.mktemp("profile-out")
+    cfg = ProfileConfig.from_mapping({"inputs": [str(plate)], "out": str(out), "platemap": str(platemap),
+                                      "weights": str(untrained_weights), "segmenter": "classical",
+                                      "max_cells_per_site": 3, "batch": "2026_demo", "progress": False,
+                                      "batch_size": 16})
+    summary = run_profile(cfg, progress_print=lambda *a: None)
+    return cfg, summary, out
+
+
+def test_two_cpus_do_not_deadlock_and_every_site_is_accounted_for(ray_session, profiled):
+    cfg, summary, out = profiled
+    assert ray_session.cluster_resources()["CPU"] == 2
+    sites = list(out.glob("embeddings/*/2026_demo/Transfluor/*"))
+    assert len(sites) == 24  # 8 wells x 3 fields: each has its cells or the reason it has none
+    written = [s for s in sites if (s / "embeddings.parquet").exists()]
+    skipped = [s for s in sites if (s / "skipped.json").exists()]
+    assert len(written) + len(skipped) == 24 and not set(written) & set(skipped)
+    listed = pd.read_csv(out / "skipped.csv")
+    assert len(listed) == len(skipped)
+    assert summary["plates"]["Transfluor"]["sites"] == len(written)
+
+
+def test_one_row_per_well_with_metadata_and_object_counts(profiled):
+    cfg, summary, out = profiled
+    wells = pd.read_parquet(next(out.glob("profiles/*/2026_demo/Transfluor/Transfluor.parquet")))
+    assert wells["Metadata_Well"].is_unique
+    for col in ("Metadata_Batch", "Metadata_Plate", "Metadata_Well", "Metadata_Row", "Metadata_Column",
+                "Metadata_Object_Count", "Metadata_pert_type", "Metadata_Compound", "Metadata_Concentration"):
+        assert col in wells, col
+    assert set(wells["Metadata_Batch"]) == {"2026_demo"}
+    feats = [c for c in wells if not c.startswith("Metadata_")]
+    assert feats[0] == "Microsnoop_GFP_000" and len(feats) == 256
+    for r in wells.itertuples():
+        n = sum(len(pd.read_parquet(f)) for f in out.glob(f"embeddings/*/2026_demo/Transfluor/{r.Metadata_Well}-*/"
+                                                          "embeddings.parquet"))
+        assert r.Metadata_Object_Count == n
+    assert wells.groupby("Metadata_pert_type").size().to_dict() == {"negcon": 3, "trt": 5} or \
+        len(wells) < 8  # a well whose fields all had no cells would be absent and listed in skipped.csv
+
+
+def test_pipeline_embeddings_equal_the_bare_encoder(profiled, transfluor_plate, untrained_weights):
+    cfg, summary, out = profiled
+    f = sorted(out.glob("embeddings/*/2026_demo/Transfluor/*/embeddings.parquet"))[0]
+    cells = pd.read_parquet(f)
+    well, site = cells["Metadata_Well"].iloc[0], int(cells["Metadata_Site"].iloc[0])
+    plate = open_plate(transfluor_plate[0])
+    ref = next(r for r in plate.fields() if (r.well, r.site) == (well, site))
+    image = plate.read(ref)
+    crops = [image[:, r.Metadata_Crop_Top:r.Metadata_Crop_Bottom, r.Metadata_Crop_Left:r.Metadata_Crop_Right]
+             for r in cells.itertuples()]
+    expect = embed(crops, model=str(untrained_weights))
+    feats = cells[[c for c in cells if c.startswith("Microsnoop_")]].to_numpy()
+    np.testing.assert_allclose(feats, expect, atol=1e-5)
+    assert cells["Metadata_ObjectNumber"].is_unique
+
+
+def test_sphered_controls_and_treatments(profiled):
+    cfg, summary, out = profiled
+    fits = summary["sphering"]["fits"]
+    assert fits[0]["scope"] == "plate" and fits[0]["group"] == "Transfluor" and fits[0]["method"] == "zca-cor"
+    treat = pd.read_parquet(next(out.glob("profiles/*/treatments.parquet")))
+    assert "DMSO" not in set(treat["Metadata_Compound"])
+    from microsnoop_ray.io.write import read_provenance
+    prov = read_provenance(next(out.glob("profiles/*/treatments.parquet")))
+    assert prov["sphering"]["scope_requested"] == "plate" and "mean" in prov["aggregation"]
+
+
+def test_rerun_changes_nothing_and_resume_after_loss_is_identical(profiled):
+    cfg, summary, out = profiled
+    before = _digest(out)
+    again = run_profile(cfg, progress_print=lambda *a: None)
+    assert again["this_run"] == {"sites_written": 0, "sites_skipped": 0}
+    assert _digest(out) == before
+    # an interrupted run: some sites never written (and a whole well lost)
+    lost = sorted(out.glob("embeddings/*/2026_demo/Transfluor/*/embeddings.parquet"))[:4]
+    for f in lost:
+        f.unlink()
+    for d in out.glob("embeddings/*/2026_demo/Transfluor/O08-*"):
+        shutil.rmtree(d)
+    resumed = run_profile(cfg, progress_print=lambda *a: None)
+    assert resumed["this_run"]["sites_written"] >= 4
+    assert _digest(out) == before
+
+
+def test_cell_arrays_with_plate_metadata(ray_session, untrained_weights, tmp_path):
+    """Pre-cropped BBBC021 cells: per-plate sphering fitted on the DMSO cells of each plate."""
+    data = np.load(shared("bbbc021_chx", "cells.npz"))["images"]
+    meta = pd.read_csv(shared("bbbc021_chx", "cells.csv"))
+    pick = meta[meta["Metadata_Plate"].isin(["Week4_27801", "Week4_27861"])]
+    pick = pick.groupby(["Metadata_Plate", "Metadata_Well"], group_keys=False).head(6)
+    np.savez(tmp_path / "cells.npz", images=data[pick.index.to_numpy()])
+    pick.to_csv(tmp_path / "cells.csv", index=False)
+    cfg = ProfileConfig.from_mapping({
+        "inputs": [str(tmp_path / "cells.npz")], "out": str(tmp_path / "out"), "weights": str(untrained_weights),
+        "channel_names": ["DNA", "Tubulin", "Actin"], "progress": False, "cells_chunk": 8,
+        "sphering": {"scope": "plate", "fit_on": "cells", "regularization": "epsilon", "epsilon": 1e-3}})
+    # the plate map comes from the cell table itself (compound, concentration, pert_type columns)
+    pm = pick[["Metadata_Plate", "Metadata_Well", "Metadata_Compound", "Metadata_Concentration",
+               "Metadata_pert_type"]].drop_duplicates()
+    pm.to_csv(tmp_path / "map.csv", index=False)
+    cfg.platemap = str(tmp_path / "map.csv")
+    summary = run_profile(cfg, progress_print=lambda *a: None)
+    assert summary["skipped"] == 0
+    assert sum(p["cells"] for p in summary["plates"].values()) == len(pick)
+    assert [f["n_controls"] for f in summary["sphering"]["fits"]] == [6, 6]
+    wells = pd.concat(pd.read_parquet(f) for f in (tmp_path / "out").glob("profiles/*/Week4/*/*_sphered.parquet"))
+    assert len(wells) == pm.shape[0] and (wells["Metadata_Batch"] == "Week4").all()
+    assert [c for c in wells if c.startswith("Microsnoop_")][256] == "Microsnoop_Tubulin_000"
+    cells = pd.concat(pd.read_parquet(f) for f in (tmp_path / "out").glob("embeddings/*/Week4/*/*/*.parquet"))
+    assert len(cells) == len(pick) and not cells.duplicated(["Metadata_Plate", "Metadata_Well", "Metadata_Site",
+                                                              "Metadata_ObjectNumber"]).any()
