@@ -265,6 +265,38 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+
+    from .io.fields import read_field
+    from .model.load import load_model
+    from .train.reconstruct import center_target, reconstruct, reconstruction_figure
+
+    model = load_model(args.weights)
+    if not getattr(model, "has_decoder", True):
+        raise InputError(args.weights or "default weights", "encoder-only weights cannot reconstruct images")
+    targets, titles = [], []
+    for path in args.images:
+        image = read_field(path)
+        c = min(args.channel, image.shape[0] - 1)
+        targets.append(center_target(image[c], args.size))
+        titles.append(f"{path.name} [ch {c}]")
+    targets = np.stack(targets)
+    result = reconstruct(model, targets, ratio=args.mask_ratio, seed=args.seed)
+    reconstruction_figure(targets, result, args.out, titles)
+    report = {"weights": getattr(model, "weights_path", None),
+              "model_id": model.model_card.model_id if model.model_card else None,
+              "images": [str(p) for p in args.images],
+              "mse_masked": float(result["mse_masked"].mean()),
+              "mse_masked_zero_prediction": float(result["mse_masked_zero"].mean()),
+              "mse_masked_visible_mean": float(result["mse_masked_mean"].mean()),
+              "per_image": [float(v) for v in result["mse_masked"]], "figure": str(args.out)}
+    print(json.dumps(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="microsnoop-ray", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -388,6 +420,16 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--ngff", choices=("0.4", "0.5"), default="0.4")
     cv.add_argument("--out", type=Path, required=True, help="plate.zarr, or a folder for <plate>.zarr")
     cv.set_defaults(func=_cmd_convert)
+
+    rc = sub.add_parser("reconstruct", help="mask 25%% of 16x16 patches and reconstruct: PNG + masked-region MSE")
+    rc.add_argument("images", type=Path, nargs="+", help="fields (TIFF/PNG/.npy); the central 224 crop is used")
+    rc.add_argument("--weights", type=Path, default=None, help="full-network weights (default: shipped)")
+    rc.add_argument("--out", type=Path, required=True, help="output PNG")
+    rc.add_argument("--channel", type=int, default=0)
+    rc.add_argument("--size", type=int, default=224)
+    rc.add_argument("--mask-ratio", dest="mask_ratio", type=float, default=0.25)
+    rc.add_argument("--seed", type=int, default=0)
+    rc.set_defaults(func=_cmd_reconstruct)
     return p
 
 

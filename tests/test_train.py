@@ -1,0 +1,117 @@
+"""Pretraining: masking, schedule, the pool, Ray Train workers, checkpoint/resume, shipped weights."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import shared
+from microsnoop_ray.train.data import TypeAlternatingSampler, build_pool, to_planes
+from microsnoop_ray.train.loop import TrainConfig, latest_checkpoint, train_local, train_with_ray
+from microsnoop_ray.train.masking import learning_rate, mask_patches
+
+HUMAN = str(shared("pretrain", "cellprofiler_examples", "ExampleHuman"))
+FLY = str(shared("pretrain", "cellprofiler_examples", "ExampleFly"))
+
+
+def test_exactly_a_quarter_of_the_patches_are_zeroed():
+    x = torch.rand(5, 1, 224, 224) + 0.5  # no zero pixels of its own
+    masked, mask = mask_patches(x, 16, 0.25, torch.Generator().manual_seed(1))
+    grid = mask[:, 0, ::16, ::16]
+    assert grid.shape == (5, 14, 14) and (grid.sum(dim=(1, 2)) == 49).all()
+    assert (mask.float().mean(dim=(1, 2, 3)) == 0.25).all()
+    assert (masked[mask] == 0).all() and torch.equal(masked[~mask], x[~mask])
+    blocks = mask[:, 0].reshape(5, 14, 16, 14, 16)  # whole patches, never parts of one
+    assert (blocks.all(dim=(2, 4)) == blocks.any(dim=(2, 4))).all()
+    assert not torch.equal(mask[0], mask[1])
+
+
+def test_schedule_values():
+    assert learning_rate(0) == 0.0
+    assert learning_rate(20) == pytest.approx(5e-4)
+    assert learning_rate(40) == pytest.approx(1e-3)
+    assert learning_rate(520) == pytest.approx(5e-4)
+    assert learning_rate(999) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 959 / 960)))
+    assert learning_rate(999) < 1e-8
+
+
+def test_pool_splits_channels_and_batches_alternate_types():
+    assert len(to_planes(np.zeros((3, 40, 50)))) == 3
+    rgb = np.stack([np.arange(40 * 50).reshape(40, 50)] * 3, axis=-1) * np.array([1, 2, 3])
+    assert len(to_planes(rgb)) == 1 and len(to_planes(rgb, "split")) == 3
+    pool = build_pool([{"kind": "folder", "path": HUMAN, "type": "human"},
+                       {"kind": "folder", "path": FLY, "type": "fly"}])
+    assert set(pool.types) == {"human", "fly"}
+    sampler = TypeAlternatingSampler(pool, batch_size=4, size=64, seed=0)
+    kinds = [sampler.next_batch()[1] for _ in range(6)]
+    assert all(a != b for a, b in zip(kinds, kinds[1:]))
+    batch, _ = sampler.next_batch()
+    assert batch.shape == (4, 1, 64, 64) and batch.dtype == np.float32
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(sources=[{"kind": "folder", "path": HUMAN}], storage_path=str(tmp_path), input_size=64,
+                batch_size=8, epoch_size=32, nepoch=4, warmup=0, threads=1, seed=0)
+    base.update(kw)
+    return TrainConfig.from_mapping(base)
+
+
+def test_two_ray_train_workers_reduce_the_loss(ray_session, tmp_path):
+    cfg = _cfg(tmp_path, name="ddp", num_workers=2, nepoch=3, epoch_size=64)
+    result = train_with_ray(cfg)
+    losses = [h["loss"] for h in result["history"]]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert result["history"][-1]["images_seen"] == 3 * 64
+    card = result["model_card"]
+    assert card["images_seen"] == 3 * 64 and card["extra"]["loss_curve"] == [round(x, 5) for x in losses]
+    from microsnoop_ray.model.load import load_model, weights_hash
+    model = load_model(tmp_path / "ddp" / "microsnoop_pretrained.pt")
+    assert weights_hash({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}) \
+        == card["weights_sha256"]
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+    config = _cfg(tmp_path, name="killme", nepoch=40, epoch_size=16).to_dict()
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    yaml_cfg = tmp_path / "c.yaml"
+    import yaml
+    yaml_cfg.write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "microsnoop_ray.cli", "train", "--config", str(yaml_cfg)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    run = tmp_path / "killme"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        ck = latest_checkpoint(run)
+        if ck is not None and int(ck.stem.split("-")[1]) >= 1:
+            break
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(latest_checkpoint(run), weights_only=True)
+    done = int(saved["epoch"])
+    assert 1 <= done < 39
+    history_before = json.loads(saved["history"])
+    cfg = TrainConfig.from_mapping({**config, "stop_epoch": done + 2})
+    result = train_local(cfg)
+    epochs = [h["epoch"] for h in result["history"]]
+    assert epochs == list(range(done + 2))  # continued at done + 1, not from zero
+    assert result["history"][:done + 1] == history_before
+
+
+def test_shipped_default_weights_load_and_match_their_card():
+    from microsnoop_ray.model.load import default_weights_path, load_model, weights_hash
+
+    path = default_weights_path()
+    assert path is not None, "no default weights shipped in microsnoop_ray/weights/"
+    model = load_model()
+    card = model.model_card
+    raw = torch.load(path, weights_only=True)
+    assert weights_hash(raw["state_dict"]) == card.weights_sha256
+    assert card.images_seen and card.images_seen > 0 and card.extra["hardware"]
+    assert model.has_decoder  # full network: it can reconstruct and be fine-tuned
