@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 SHARED ?= ../shared/data
 
-.PHONY: install test demo demo-screen bench clean
+.PHONY: install test demo screen bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,10 +23,15 @@ test: install
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 demo: install
-	$(PY) -m microsnoop_ray.demo --out demo_output
+	$(PY) -m microsnoop_ray.demo plate --out demo_output
+
+# The BBBC021 mini-screen (needs ../shared/data/bbbc021_chx beside the repository).
+screen: install
+	$(PY) -m microsnoop_ray.demo bbbc021 --out screen_output
 
 bench: install
 	$(PY) benchmarks/encoder.py
+	$(PY) benchmarks/pipeline.py
 
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache build *.egg-info
+	rm -rf $(VENV) demo_output screen_output .pytest_cache build *.egg-info

@@ -1,15 +1,17 @@
-"""``make demo``: profile a real JUMP Cell Painting field end to end.
+"""``make demo`` and ``make screen``: the plate pipeline end to end on real images.
 
-Fetches one real field (plate BR00116991, well A01, site 1; five 1080 x 1080
-channels, CC0) with its 109 CellProfiler nuclei from the ``deepprofiler``
-distribution on the package index, cuts METHOD.md cell-region crops around the
-nuclei, embeds all five channels, and writes single-cell and field profiles in
-the Cell Painting Gallery layout, plus a picture of the crop windows.
+``make demo`` fetches real fluorescence images with their instance masks (the scellseg
+0.1.8 sdist on the package index: seven cell types / imaging styles), writes them as an
+NGFF 0.4 OME-Zarr plate (one row per cell type, masks as ``labels/cells``), profiles it on
+an embedded Ray and writes a report folder (plate layout with cell counts, PCA of the well
+profiles, the table of outputs).
 
-Weights: ``--weights FILE`` if given, else the default weights shipped in the
-package. If neither exists, the demo says so loudly and uses a *randomly
-initialised* network whose model card says "untrained": the run then checks the
-machinery, not the biology.
+``make screen`` runs the BBBC021 mini-screen from ``../shared/data/bbbc021_chx`` (6 plates,
+DMSO on each, cycloheximide at 3 doses) with per-plate sphering fitted on DMSO cells, and
+reports DMSO/drug separation before and after sphering on held-out sites.
+
+Weights: ``--weights FILE`` if given, else the default weights shipped in the package;
+if neither exists, a randomly initialised network labelled UNTRAINED is used, loudly.
 """
 from __future__ import annotations
 
@@ -53,66 +55,203 @@ def untrained_checkpoint(path: Path) -> Path:
     return path
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("demo_output"))
-    ap.add_argument("--weights", type=Path, default=None)
-    ap.add_argument("--rescale-constant", type=float, default=2.5)
-    args = ap.parse_args(argv)
+CONTRAST_CHANNELS = ("cyto", "nuclei")  # green and blue of the scellseg contrast images (Cellpose channels 2, 3)
 
-    from .crop import crop_cells
-    from .qc import draw_field
-    from .encode import Encoder, embed, feature_names
-    from .io.registry import fetch_package_files
-    from .io.write import profile_table, write_parquet
+
+def build_contrast_plate(folder: Path, out: Path, per_set: int = 5) -> tuple[Path, Path]:
+    """An NGFF 0.4 plate from the scellseg contrast images: one row per cell type, one image per well.
+
+    Rows A.. are the seven image sets (cell types / imaging styles), columns 1-5 their images;
+    the instance masks that ship with the images become the ``labels/cells`` of each field.
+    Returns (plate path, plate map CSV).
+    """
+    import cv2
+
+    from .io.zarr_plate import write_plate
+
+    fields, labels, rows = {}, {}, []
+    for r, set_dir in enumerate(sorted(p for p in folder.iterdir() if p.is_dir())):
+        for j, img_path in enumerate(sorted(set_dir.glob("*_img.png"))[:per_set]):
+            img = cv2.imread(str(img_path), cv2.IMREAD_UNCHANGED)  # (h, w, 3) BGR uint16
+            mask = cv2.imread(str(img_path).replace("_img.png", "_masks.png"), cv2.IMREAD_UNCHANGED)
+            well = f"{chr(ord('A') + r)}{j + 1:02d}"
+            fields[(well, 1)] = np.stack([img[..., 1], img[..., 0]])  # green (cytoplasm), blue (nuclei)
+            labels[(well, 1)] = mask
+            rows.append({"Metadata_Well": well, "Metadata_cell_type": set_dir.name, "Metadata_Image": img_path.name})
+    plate = write_plate(out / "scellseg-contrast.zarr", fields, CONTRAST_CHANNELS, version="0.4", labels=labels)
+    pm = out / "platemap.csv"
+    pd.DataFrame(rows).to_csv(pm, index=False)
+    return plate, pm
+
+
+def _weights_or_untrained(weights: Path | None, out: Path) -> Path | None:
     from .model import default_weights_path
 
-    t0 = time.perf_counter()
-    print("1/4 fetching a real JUMP Cell Painting field from the package index (deepprofiler 0.5.1 sdist) ...")
-    folder = fetch_package_files("jump-field")
-    image, boxes = load_jump_field(folder)
-    print(f"    field {image.shape} {image.dtype}, {len(boxes)} CellProfiler nuclei")
-
-    weights = args.weights
     if weights is None and default_weights_path() is None:
-        weights = untrained_checkpoint(args.out / "untrained_random_init.pt")
-        print("    WARNING: no trained default weights are shipped in this version and no --weights was given;\n"
-              "    using a RANDOMLY INITIALISED network (model card says so). Pass --weights FILE (e.g. the\n"
-              "    published Microsnoop .pth) for meaningful profiles.")
-    encoder = Encoder(weights, compile=False)
-    card = encoder.model_card
+        print("    WARNING: no trained default weights are shipped and no --weights was given: using a RANDOMLY\n"
+              "    INITIALISED network (its model card says so); the profiles carry no learned biology.")
+        return untrained_checkpoint(out / "untrained_random_init.pt")
+    return weights
 
-    print("2/4 cutting cell-region crops (METHOD.md section 4) ...")
-    crops, table, rejected = crop_cells(image, bboxes=boxes, rescale_constant=args.rescale_constant)
 
-    print(f"3/4 embedding {len(crops)} cells x {len(JUMP_CHANNELS)} channels with {card.model_id} ...")
-    t1 = time.perf_counter()
-    feats = embed(crops, encoder=encoder, batch_size=20, progress=sys.stderr.isatty())
-    t_embed = time.perf_counter() - t1
+def _ray(num_cpus: int | None):
+    import ray
 
-    print("4/4 writing profiles ...")
-    key = {"Metadata_Batch": "cpg0000-jump-pilot", "Metadata_Plate": "BR00116991", "Metadata_Well": "A01",
-           "Metadata_Site": 1}
-    cells = pd.concat([pd.DataFrame({k: [v] * len(table) for k, v in key.items()}), table], axis=1)
-    names = feature_names(list(JUMP_CHANNELS))
-    prov = {"command": "demo", "model_card": card.to_dict(), "rescale_constant": args.rescale_constant,
-            "channels": list(JUMP_CHANNELS), "source": "deepprofiler==0.5.1 tests/data/cpg0000 (CC0)"}
-    root = args.out / "embeddings" / card.model_id / key["Metadata_Batch"] / key["Metadata_Plate"] / "A01-1"
-    cell_path = write_parquet(profile_table(cells, feats, names), root / "embeddings.parquet", prov)
-    field = pd.DataFrame({**{k: [v] for k, v in key.items()}, "Metadata_Object_Count": [len(table)]})
-    prof_root = args.out / "profiles" / card.model_id / key["Metadata_Batch"] / key["Metadata_Plate"]
-    field_path = write_parquet(profile_table(field, feats.mean(axis=0, keepdims=True), names),
-                               prof_root / "BR00116991_fields.parquet", {**prov, "aggregation": "mean"})
-    png = draw_field(image[0], args.out / "A01-1_crops.png", windows=table,
-                     title=f"BR00116991 A01 site 1: {len(table)} cell-region crops (DNA channel)")
-    summary = {"cells_embedded": int(len(table)), "nuclei_rejected": int(len(rejected)),
-               "features_per_cell": int(feats.shape[1]), "embed_seconds": round(t_embed, 1),
-               "cells_per_second": round(len(table) / t_embed, 2), "model_id": card.model_id,
-               "weights_trained": card.training_data != "none (random initialisation)",
-               "outputs": [str(cell_path), str(field_path), str(png)],
-               "total_seconds": round(time.perf_counter() - t0, 1)}
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    return ray
+
+
+def demo_plate(out: Path, weights: Path | None, max_cells: int, num_cpus: int | None) -> dict:
+    """The README's main job: a real plate from the package index through the whole pipeline."""
+    from .io.registry import fetch_package_files
+    from .pipeline.plate_job import ProfileConfig, run_profile
+    from .report import write_report
+
+    t0 = time.perf_counter()
+    print("1/3 fetching real fluorescence images with instance masks from the package index (scellseg 0.1.8 sdist)")
+    folder = fetch_package_files("scellseg-assets") / "contrast_data"
+    plate, platemap = build_contrast_plate(folder, out / "input")
+    print(f"    wrote the OME-Zarr plate {plate} (7 cell types x 5 fields, masks as NGFF labels)")
+    weights = _weights_or_untrained(weights, out)
+    cfg = ProfileConfig.from_mapping({
+        "inputs": [str(plate)], "out": str(out), "platemap": str(platemap), "batch": "scellseg-contrast",
+        "weights": str(weights) if weights else None, "labels": "cells", "max_cells_per_site": max_cells,
+        "sphering": {"scope": "none"}, "treatment_keys": ["Metadata_cell_type"], "progress": sys.stderr.isatty()})
+    print("2/3 profiling on an embedded Ray: read tasks -> crop actors -> encoder actors -> Parquet")
+    ray = _ray(num_cpus)
+    try:
+        summary = run_profile(cfg)
+    finally:
+        ray.shutdown()
+    print("3/3 writing the report")
+    rep = write_report(out, summary, color_by="Metadata_cell_type")
+    summary["report"] = str(rep)
+    summary["total_seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(f"done in {summary['total_seconds']} s: {sum(p['cells'] for p in summary['plates'].values())} cells, "
+          f"{sum(p['wells'] for p in summary['plates'].values())} wells; report in {rep}/README.md")
+    return summary
+
+
+# ----------------------------------------------------------------------------- BBBC021 mini-screen
+
+def _site_profiles(out: Path, model_id: str, fit_sites=(1, 3)) -> tuple[pd.DataFrame, dict]:
+    """Site profiles of every site file, and per plate the DMSO cells of the fitting sites."""
+    from .profiles.aggregate import SITE_KEYS, aggregate, feature_columns
+    rows, fit_cells = [], {}
+    for f in sorted((out / "embeddings" / model_id).glob("*/*/*/embeddings.parquet")):
+        cells = pd.read_parquet(f)
+        rows.append(aggregate(cells[SITE_KEYS + feature_columns(cells)], SITE_KEYS, "mean"))
+        site = int(cells["Metadata_Site"].iloc[0])
+        if cells["Metadata_Well"].iloc[0] == "B02" and site in fit_sites:  # DMSO is B02 on every plate
+            fit_cells.setdefault(cells["Metadata_Plate"].iloc[0], []).append(cells[feature_columns(cells)])
+    return pd.concat(rows, ignore_index=True), {k: pd.concat(v) for k, v in fit_cells.items()}
+
+
+def separation(sites: pd.DataFrame, feats: list[str]) -> dict:
+    """DMSO/drug separation of held-out site profiles (DMSO sites not used for fitting).
+
+    ``dmso_cross_plate`` : mean Euclidean distance between DMSO sites of different plates;
+    ``drug_to_dmso`` : mean distance between drug sites and the DMSO sites of their own plate;
+    ``ratio`` = the first over the second (lower: plate effects removed relative to the drug effect);
+    ``nn_accuracy`` : leave-one-out 1-NN (cosine) DMSO vs drug over the sites;
+    ``dose_spearman`` : rank correlation of concentration and distance to the plate's DMSO mean.
+    """
+    from scipy.spatial.distance import cdist
+    from scipy.stats import spearmanr
+    X = sites[feats].to_numpy(np.float64)
+    dmso = (sites["Metadata_Compound"] == "DMSO").to_numpy()
+    plate = sites["Metadata_Plate"].to_numpy()
+    D = cdist(X, X)
+    cross = [D[i, j] for i in np.flatnonzero(dmso) for j in np.flatnonzero(dmso) if plate[i] != plate[j]]
+    drug = [D[i, j] for i in np.flatnonzero(~dmso) for j in np.flatnonzero(dmso) if plate[i] == plate[j]]
+    C = cdist(X, X, "cosine")
+    np.fill_diagonal(C, np.inf)
+    nn = C.argmin(axis=1)
+    dist_to_dmso, conc = [], []
+    for i in np.flatnonzero(~dmso):
+        ref = X[dmso & (plate == plate[i])].mean(axis=0)
+        dist_to_dmso.append(float(np.linalg.norm(X[i] - ref)))
+        conc.append(float(sites["Metadata_Concentration"].iloc[i]))
+    return {"dmso_cross_plate": float(np.mean(cross)), "drug_to_dmso": float(np.mean(drug)),
+            "ratio": float(np.mean(cross) / np.mean(drug)), "nn_accuracy": float((dmso[nn] == dmso).mean()),
+            "dose_spearman": float(spearmanr(conc, dist_to_dmso).statistic), "sites": int(len(X)),
+            "dmso_sites": int(dmso.sum())}
+
+
+def demo_bbbc021(out: Path, weights: Path | None, max_cells: int, num_cpus: int | None,
+                 epsilon: float = 0.1) -> dict:
+    """The BBBC021 mini-screen: 6 plates, DMSO in each, cycloheximide at 3 doses (pre-cropped cells)."""
+    from .pipeline.plate_job import ProfileConfig, run_profile
+    from .profiles.aggregate import feature_columns
+    from .profiles.sphering import fit_sphering
+    from .report import write_report
+
+    data = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bbbc021_chx"
+    if not (data / "cells.npz").exists():
+        data = Path("../shared/data/bbbc021_chx").resolve()
+    if not (data / "cells.npz").exists():
+        raise SystemExit("the BBBC021 mini-screen needs ../shared/data/bbbc021_chx beside the repository")
+    t0 = time.perf_counter()
+    meta = pd.read_csv(data / "cells.csv")
+    out.mkdir(parents=True, exist_ok=True)
+    meta[["Metadata_Plate", "Metadata_Well", "Metadata_Compound", "Metadata_Concentration", "Metadata_moa",
+          "Metadata_pert_type"]].drop_duplicates().to_csv(out / "platemap.csv", index=False)
+    weights = _weights_or_untrained(weights, out)
+    cfg = ProfileConfig.from_mapping({
+        "inputs": [str(data / "cells.npz")], "cell_table": str(data / "cells.csv"), "out": str(out),
+        "platemap": str(out / "platemap.csv"), "weights": str(weights) if weights else None,
+        "channel_names": ["DNA", "ch1", "ch2"], "max_cells_per_site": max_cells, "cells_chunk": 128,
+        "sphering": {"scope": "plate", "fit_on": "cells", "regularization": "epsilon", "epsilon": epsilon},
+        "progress": sys.stderr.isatty()})
+    ray = _ray(num_cpus)
+    try:
+        summary = run_profile(cfg)
+    finally:
+        ray.shutdown()
+    # held-out evaluation: fit per plate on the DMSO cells of sites 1 and 3, judge on the other sites
+    sites, fit_cells = _site_profiles(out, summary["model_id"])
+    feats = feature_columns(sites)
+    sites = sites.merge(pd.read_csv(out / "platemap.csv"), on=["Metadata_Plate", "Metadata_Well"], how="left")
+    held = sites[~((sites["Metadata_Compound"] == "DMSO") & sites["Metadata_Site"].isin([1, 3]))].reset_index(drop=True)
+    sphered = held.copy()
+    for plate, idx in held.groupby("Metadata_Plate").groups.items():
+        C = fit_cells[plate].to_numpy(np.float64)
+        varying = C.var(axis=0) > 0
+        fit = fit_sphering(C[:, varying], "zca-cor", "epsilon", epsilon)
+        X = held.loc[idx, feats].to_numpy(np.float64)
+        Y = X - C.mean(axis=0)
+        Y[:, varying] = fit.transform(X[:, varying])
+        sphered.loc[idx, feats] = Y
+    measured = {"before_sphering": separation(held, feats), "after_per_plate_sphering": separation(sphered, feats),
+                "protocol": "site profiles; per-plate zca-cor (epsilon %g) fitted on DMSO cells of sites 1 and 3, "
+                            "evaluated on DMSO sites 2 and 4 and all drug sites" % epsilon,
+                "max_cells_per_site": max_cells, "model_id": summary["model_id"]}
+    rep = write_report(out, summary, color_by="Metadata_Compound", extra=measured)
+    summary["mini_screen"] = measured
+    summary["report"] = str(rep)
+    summary["total_seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    b, a = measured["before_sphering"], measured["after_per_plate_sphering"]
+    print(f"DMSO cross-plate / drug-to-DMSO distance ratio: {b['ratio']:.3f} before, {a['ratio']:.3f} after "
+          f"per-plate sphering; 1-NN DMSO-vs-drug accuracy {b['nn_accuracy']:.3f} -> {a['nn_accuracy']:.3f}; "
+          f"dose Spearman {b['dose_spearman']:.2f} -> {a['dose_spearman']:.2f}")
+    return summary
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("which", nargs="?", choices=("plate", "bbbc021"), default="plate",
+                    help="plate: the registry example (make demo); bbbc021: the mini-screen (make screen)")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--weights", type=Path, default=None)
+    ap.add_argument("--max-cells-per-site", type=int, default=None)
+    ap.add_argument("--num-cpus", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.which == "plate":
+        demo_plate(args.out or Path("demo_output"), args.weights, args.max_cells_per_site or 24, args.num_cpus)
+    else:
+        demo_bbbc021(args.out or Path("screen_output"), args.weights, args.max_cells_per_site or 16, args.num_cpus)
     return 0
 
 
