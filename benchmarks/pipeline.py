@@ -1,0 +1,123 @@
+"""Pipeline overhead: cells/s through the Ray Data plate pipeline versus the bare encoder loop
+on the same pre-cropped cells in the same run, and peak memory.
+
+Pre-cropped BBBC021 cells (``../shared/data/bbbc021_chx``) need no segmentation, so the
+encoder is the bottleneck and the ratio measures what the pipeline costs around it (reads,
+padding/normalisation in the crop actors, object store transfers, writing Parquet).
+
+Prints one JSON document. Usage:
+    python benchmarks/pipeline.py [--cells 240] [--batch-size 64] [--weights FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bbbc021_chx"
+
+
+class PeakRSS:
+    """Samples the summed RSS of this process and all its descendants (Ray workers included)."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me] + me.children(recursive=True):
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cells", type=int, default=240)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--weights", default=None)
+    args = ap.parse_args()
+
+    import ray
+    import torch
+
+    from microsnoop_ray.encode import Encoder, embed
+    from microsnoop_ray.pipeline.plate_job import ProfileConfig, run_profile
+
+    tmp = Path(tempfile.mkdtemp())
+    weights = args.weights
+    if weights is None:
+        from microsnoop_ray.demo import untrained_checkpoint
+        from microsnoop_ray.model import default_weights_path
+        weights = str(default_weights_path() or untrained_checkpoint(tmp / "w.pt"))
+    images = np.load(DATA / "cells.npz")["images"]
+    meta = pd.read_csv(DATA / "cells.csv")
+    pick = np.sort(np.random.default_rng(0).choice(len(meta), args.cells, replace=False))
+    np.savez(tmp / "cells.npz", images=images[pick])
+    meta.iloc[pick].to_csv(tmp / "cells.csv", index=False)
+    crops = images[pick]
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    enc = Encoder(weights)
+    embed(crops[:8], encoder=enc, batch_size=args.batch_size)  # warm-up
+    with PeakRSS() as bare_mem:
+        t = time.perf_counter()
+        embed(crops, encoder=enc, batch_size=args.batch_size)
+        bare_s = time.perf_counter() - t
+    del enc
+
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    cfg = ProfileConfig.from_mapping({"inputs": [str(tmp / "cells.npz")], "out": str(tmp / "out"),
+                                      "weights": weights, "channel_names": ["DNA", "ch1", "ch2"],
+                                      "batch_size": args.batch_size, "cells_chunk": 64, "progress": False,
+                                      "sphering": {"scope": "none"}})
+    with PeakRSS() as pipe_mem:
+        t = time.perf_counter()
+        summary = run_profile(cfg, progress_print=lambda *a: None)
+        pipe_s = time.perf_counter() - t
+    resources = ray.cluster_resources()
+    ray.shutdown()
+    n = sum(p["cells"] for p in summary["plates"].values())
+    assert n == args.cells, (n, args.cells)
+    bare, pipe = args.cells / bare_s, n / pipe_s
+    print(json.dumps({
+        "machine": {"cpus": len(os.sched_getaffinity(0)), "processor": platform.processor() or platform.machine(),
+                    "torch": torch.__version__, "ray_resources": {k: v for k, v in resources.items()
+                                                                  if k in ("CPU", "GPU")}},
+        "cells": args.cells, "channels": int(crops.shape[1]), "batch_size": args.batch_size,
+        "bare_encoder": {"seconds": round(bare_s, 2), "cells_per_s": round(bare, 2),
+                         "peak_rss_mb": round(bare_mem.peak / 2**20)},
+        "pipeline": {"seconds": round(pipe_s, 2), "cells_per_s": round(pipe, 2),
+                     "peak_rss_mb_all_processes": round(pipe_mem.peak / 2**20),
+                     "includes": "Ray Data start-up, reads, crop actors, encoder actor start (model load), "
+                                 "Parquet writes, aggregation"},
+        "ratio_pipeline_to_bare": round(pipe / bare, 3), "target": 0.8}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
