@@ -18,7 +18,12 @@ def test_majority_ties_to_smallest_label_and_distinct_votes_to_nearest():
 def test_accuracy_per_class_and_f1():
     X = np.array([[0.0], [0.1], [0.2], [5.0], [5.1], [0.15]])
     y = np.array([0, 0, 0, 1, 1, 1])
+    # 1-NN by hand: 0->0.1 (0), 0.1->0.15 (1), 0.2->0.15 (1), 5->5.1 (1), 5.1->5 (1),
+    # 0.15->0.1 (0; tie with 0.2 goes to the earlier index)
+    assert knn_predict(X, y, k=1).tolist() == [0, 1, 1, 1, 1, 0]
     r = knn_accuracy(X, y, k=1)
-    assert r["accuracy"] == 5 / 6
-    assert r["per_class"] == {"0": 1.0, "1": 2 / 3}
-    assert abs(r["macro_f1"] - np.mean([2 * 0.75 * 1 / 1.75, 2 * 1 * (2 / 3) / (5 / 3)])) < 1e-12
+    assert r["accuracy"] == 0.5
+    assert r["per_class"] == {"0": 1 / 3, "1": 2 / 3}
+    f1_0 = 2 * 0.5 * (1 / 3) / (0.5 + 1 / 3)
+    f1_1 = 2 * 0.5 * (2 / 3) / (0.5 + 2 / 3)
+    assert abs(r["macro_f1"] - (f1_0 + f1_1) / 2) < 1e-12
