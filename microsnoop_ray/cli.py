@@ -205,7 +205,7 @@ def profile_options(args: argparse.Namespace) -> dict:
     if args.channel_names:
         options["channel_names"] = args.channel_names.split(",")
     sph = dict(options.get("sphering") or {})
-    for key in ("scope", "method", "regularization", "epsilon", "fit_on", "fallback"):
+    for key in ("scope", "method", "regularization", "epsilon", "fit_on", "fallback", "required"):
         value = getattr(args, f"sphering_{key}", None)
         if value is not None:
             sph[key] = value
@@ -397,7 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--sphering-epsilon", dest="sphering_epsilon", type=float, default=None)
     pr.add_argument("--sphering-fit-on", dest="sphering_fit_on", choices=("wells", "sites", "cells"), default=None)
     pr.add_argument("--sphering-fallback", dest="sphering_fallback", choices=("batch", "global"), default=None,
-                    help="scope to use when a plate has too few controls (recorded in the output)")
+                    help="scope to use when a plate has too few controls (default global; recorded in the output)")
+    pr.add_argument("--sphering-required", dest="sphering_required", action="store_true", default=None,
+                    help="fail when there are no negative controls (default: profile without sphering, and say so)")
     pr.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="planes per encoder call")
     pr.add_argument("--encoder-actors", dest="encoder_actors", type=int, default=None)
     pr.add_argument("--crop-actors", dest="crop_actors", type=int, default=None)

@@ -132,3 +132,13 @@ def test_cell_arrays_with_plate_metadata(ray_session, untrained_weights, tmp_pat
     cells = pd.concat(pd.read_parquet(f) for f in (tmp_path / "out").glob("embeddings/*/Week4/*/*/*.parquet"))
     assert len(cells) == len(pick) and not cells.duplicated(["Metadata_Plate", "Metadata_Well", "Metadata_Site",
                                                               "Metadata_ObjectNumber"]).any()
+    # without negative controls the profiles are still written, unsphered, and the summary says why
+    pm[pm["Metadata_pert_type"] != "negcon"].drop(columns="Metadata_pert_type").to_csv(tmp_path / "map2.csv",
+                                                                                      index=False)
+    cfg.platemap = str(tmp_path / "map2.csv")
+    again = run_profile(cfg, progress_print=lambda *a: None)
+    assert again["sphering"] == {"applied": False, "reason": "no Metadata_pert_type column in the plate map"}
+    assert again["this_run"]["sites_written"] == 0 and again["skipped"] == 0
+    notes = pd.read_csv(tmp_path / "out" / "skipped.csv")
+    assert set(notes["kind"]) == {"plate map"} and set(notes["Metadata_Well"]) == {"B02"}
+    assert again["plate_map_problems"] == 2  # the DMSO well of each plate is not in this map

@@ -65,7 +65,8 @@ class ProfileConfig:
     aggregation: str = "mean"
     sphering: dict = dataclasses.field(default_factory=lambda: {"scope": "plate", "method": "zca-cor",
                                                                "regularization": "epsilon", "epsilon": 1e-6,
-                                                               "fit_on": "wells", "fallback": None})
+                                                               "fit_on": "wells", "fallback": "global",
+                                                               "required": False})
     treatment_keys: list = dataclasses.field(default_factory=lambda: ["Metadata_Compound", "Metadata_Concentration"])
     batch_size: int = 64
     encoder_actors: int | None = None
@@ -142,8 +143,8 @@ def list_work(cfg: ProfileConfig) -> tuple[list[dict], dict[str, PlateInfo], lis
             dup = table.duplicated(["Metadata_Plate", "Metadata_Well", "Metadata_Site"], keep="first")
             for r in table[dup].itertuples(index=False):
                 problems.append({"Metadata_Plate": r.Metadata_Plate, "Metadata_Well": r.Metadata_Well,
-                                 "Metadata_Site": r.Metadata_Site, "reason": f"duplicate field in {path.name}; "
-                                 "the first row was used"})
+                                 "Metadata_Site": r.Metadata_Site, "kind": "duplicate field",
+                                 "reason": f"duplicate field in {path.name}; the first row was used"})
             table = table[~dup]
             for name, sub in table.groupby("Metadata_Plate", sort=True):
                 add_plate(PlateInfo(str(name), cfg.batch, channels, str(path),
@@ -361,7 +362,7 @@ def read_sites(layout: Layout, plates: dict[str, PlateInfo], method: str = "mean
                 reason = json.loads((d / "skipped.json").read_text())["reason"] if (d / "skipped.json").exists() \
                     else "not processed (interrupted run? rerun the same command)"
                 skipped.append({"Metadata_Plate": plate, "Metadata_Well": well, "Metadata_Site": site,
-                                "reason": reason})
+                                "kind": "site not profiled", "reason": reason})
     sites = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
     return sites, skipped
 
@@ -377,6 +378,7 @@ def postprocess(cfg: ProfileConfig, plates: dict[str, PlateInfo], layout: Layout
         _write_skipped(skipped, layout)
         summary["plates"] = {p: {"wells": 0, "sites": 0, "cells": 0, "sites_skipped": len(i.sites)}
                              for p, i in plates.items()}
+        summary["skipped"] = len(skipped)
         return summary
     wells = aggregate(sites.drop(columns=["Metadata_Site"]), WELL_KEYS + ["Metadata_Row", "Metadata_Column"],
                       cfg.aggregation)
@@ -385,7 +387,7 @@ def postprocess(cfg: ProfileConfig, plates: dict[str, PlateInfo], layout: Layout
     wells = wells.merge(n_sites, on=["Metadata_Plate", "Metadata_Well"], how="left")
     platemap = read_platemap(cfg.platemap) if cfg.platemap else None
     wells, map_problems = join_platemap(wells, platemap)
-    skipped += [dict(p, Metadata_Site=None) for p in map_problems]
+    skipped += [dict(p, Metadata_Site=None, kind="plate map") for p in map_problems]
     feats = feature_columns(wells)
     wells = wells[[c for c in wells.columns if c not in feats] + feats]
     prov = {**provenance, "aggregation": f"cell->site {cfg.aggregation}, site->well {cfg.aggregation}"}
@@ -397,15 +399,22 @@ def postprocess(cfg: ProfileConfig, plates: dict[str, PlateInfo], layout: Layout
                                    "rows": len(sub)})
     final = wells
     sph = cfg.sphering or {}
-    if sph.get("scope") not in (None, "none"):
+    n_controls = int(wells["Metadata_pert_type"].eq("negcon").sum()) if "Metadata_pert_type" in wells else 0
+    if sph.get("scope") not in (None, "none") and n_controls == 0 and not sph.get("required"):
+        why = ("no plate map" if platemap is None else "no Metadata_pert_type column in the plate map"
+               if "Metadata_pert_type" not in wells else "no negcon wells")
+        log.warning("sphering not applied: %s (set sphering.required to make this an error)", why)
+        summary["sphering"] = {"applied": False, "reason": why}
+    elif sph.get("scope") not in (None, "none"):
         final, fits = _sphere(cfg, wells, layout, plates)
-        summary["sphering"] = {"scope_requested": sph["scope"], "fit_on": sph.get("fit_on", "wells"), "fits": fits}
+        summary["sphering"] = {"applied": True, "scope_requested": sph["scope"], "fit_on": sph.get("fit_on", "wells"),
+                               "fits": fits}
         for plate, sub in final.groupby("Metadata_Plate", sort=True):
             info = plates[plate]
             path = write_parquet(sub.reset_index(drop=True),
                                  layout.plate_dir(info.batch, plate) / f"{plate}_sphered.parquet",
                                  {**prov, "channels": info.channels, "level": "well", "sphering":
-                                  [f for f in fits if f["group"] in (None, plate, info.batch)]})
+                                  [f for f in summary["sphering"]["fits"] if f["group"] in (None, plate, info.batch)]})
             summary["outputs"].append({"level": "well (sphered)", "plate": plate,
                                        "path": str(path.relative_to(layout.root)), "rows": len(sub)})
     keys = [k for k in cfg.treatment_keys if k in final.columns]
@@ -422,8 +431,9 @@ def postprocess(cfg: ProfileConfig, plates: dict[str, PlateInfo], layout: Layout
             "batch": info.batch, "wells": int(s["Metadata_Well"].nunique()), "sites": int(len(s)),
             "cells": int(s["Metadata_Object_Count"].sum()),
             "sites_skipped": int(sum(1 for k in skipped if k["Metadata_Plate"] == plate
-                                     and k.get("Metadata_Site") is not None))}
-    summary["skipped"] = len(skipped)
+                                     and k["kind"] == "site not profiled"))}
+    summary["skipped"] = sum(1 for k in skipped if k["kind"] != "plate map")
+    summary["plate_map_problems"] = sum(1 for k in skipped if k["kind"] == "plate map")
     return summary
 
 
@@ -461,7 +471,7 @@ def _sphere(cfg: ProfileConfig, wells: pd.DataFrame, layout: Layout, plates: dic
 
 
 def _write_skipped(skipped: list[dict], layout: Layout) -> None:
-    df = pd.DataFrame(skipped, columns=["Metadata_Plate", "Metadata_Well", "Metadata_Site", "reason"])
+    df = pd.DataFrame(skipped, columns=["Metadata_Plate", "Metadata_Well", "Metadata_Site", "kind", "reason"])
     layout.root.mkdir(parents=True, exist_ok=True)
     tmp = layout.root / ".skipped.csv.tmp"
     df.sort_values(["Metadata_Plate", "Metadata_Well"], kind="stable").to_csv(tmp, index=False)
