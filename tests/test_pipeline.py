@@ -142,3 +142,22 @@ def test_cell_arrays_with_plate_metadata(ray_session, untrained_weights, tmp_pat
     notes = pd.read_csv(tmp_path / "out" / "skipped.csv")
     assert set(notes["kind"]) == {"plate map"} and set(notes["Metadata_Well"]) == {"B02"}
     assert again["plate_map_problems"] == 2  # the DMSO well of each plate is not in this map
+
+
+def test_profile_command_with_a_config_file_reruns_to_the_same_output(profiled, tmp_path):
+    import yaml
+
+    from microsnoop_ray.cli import main
+
+    cfg, summary, out = profiled
+    before = _digest(out)
+    options = {k: v for k, v in cfg.to_dict().items() if k in ("inputs", "out", "platemap", "weights", "segmenter",
+                                                                 "max_cells_per_site", "batch", "batch_size")}
+    (tmp_path / "profile.yaml").write_text(yaml.safe_dump(options))
+    code = main(["profile", "--config", str(tmp_path / "profile.yaml"), "-q"])
+    assert code == (3 if summary["skipped"] else 0)
+    assert _digest(out) == before
+    saved = yaml.safe_load((out / "run_config.yaml").read_text())
+    assert saved["max_cells_per_site"] == 3 and saved["batch"] == "2026_demo" and saved["model_id"].startswith(
+        "microsnoop-UNTRAINED-")
+    assert json.loads((out / "summary.json").read_text())["this_run"] == {"sites_written": 0, "sites_skipped": 0}
