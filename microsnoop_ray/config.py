@@ -1,10 +1,11 @@
 """Job configuration files (YAML or TOML) and safe output paths."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
@@ -38,6 +39,14 @@ def save_config(config: dict, path: str | os.PathLike) -> Path:
     tmp.write_text(yaml.safe_dump(config, sort_keys=True))
     os.replace(tmp, path)
     return path
+
+
+def check_options(cls, options: Mapping[str, Any], what: str) -> None:
+    """Raise ValueError naming every key of ``options`` that is not a field of the dataclass ``cls``."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} option(s): {', '.join(unknown)}")
 
 
 def inside(root: str | os.PathLike, relative: str | os.PathLike, what: str = "path") -> Path:

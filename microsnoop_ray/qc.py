@@ -46,3 +46,15 @@ def draw_field(plane: np.ndarray, path: str | Path, labels: np.ndarray | None = 
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

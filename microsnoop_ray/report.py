@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .profiles.aggregate import feature_columns
+from .qc import save_figure
 
 
 def _plt():
@@ -46,12 +47,7 @@ def plate_layout_png(wells: pd.DataFrame, path: str | Path, title: str = "",
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
     ax.set_title(title or "cells per well", fontsize=9)
     fig.colorbar(im, ax=ax, shrink=0.8, label="cells")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def pca(X: np.ndarray, k: int = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -77,11 +73,7 @@ def pca_png(profiles: pd.DataFrame, color_by: str, path: str | Path, title: str 
     ax.set_ylabel(f"PC2 ({var[1]:.0%})" if len(var) > 1 else "PC2")
     ax.legend(fontsize=7, title=color_by.removeprefix("Metadata_"), title_fontsize=7)
     ax.set_title(title or "well profiles", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(out: str | Path, summary: dict, color_by: str | None = None, extra: dict | None = None) -> Path:

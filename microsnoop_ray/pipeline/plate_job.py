@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from ..config import save_config
+from ..config import check_options, save_config
 from ..errors import InputError
 from ..io.tables import join_platemap, read_cell_array, read_image_table, read_platemap
 from ..io.write import write_parquet
@@ -82,10 +82,7 @@ class ProfileConfig:
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any]) -> "ProfileConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown profile option(s): {', '.join(unknown)}")
+        check_options(cls, d, "profile")
         d = dict(d)
         if "sphering" in d and d["sphering"] is not None:
             d["sphering"] = {**cls().sphering, **d["sphering"]}

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import check_options
 from ..model.load import ModelCard, load_model, save_model
 from ..model.unet import MicrosnoopUNet
 from .data import TypeAlternatingSampler, build_pool
@@ -67,10 +68,7 @@ class TrainConfig:
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
+        check_options(cls, d, "training")
         cfg = cls(**d)
         cfg.validate()
         return cfg

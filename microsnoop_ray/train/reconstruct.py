@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..preprocess import normalize_percentile
+from ..qc import save_figure
 from .masking import mask_patches
 
 
@@ -61,9 +62,4 @@ def reconstruction_figure(targets: np.ndarray, result: dict, path: str | Path, t
             axes[i, j].imshow(img, cmap="gray", vmin=lo, vmax=hi)
             axes[i, j].set_axis_off()
             axes[i, j].set_title(name if not (j == 0 and i < len(titles)) else f"{titles[i]}", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
