@@ -161,3 +161,29 @@ def test_profile_command_with_a_config_file_reruns_to_the_same_output(profiled, 
     assert saved["max_cells_per_site"] == 3 and saved["batch"] == "2026_demo" and saved["model_id"].startswith(
         "microsnoop-UNTRAINED-")
     assert json.loads((out / "summary.json").read_text())["this_run"] == {"sites_written": 0, "sites_skipped": 0}
+
+
+def test_bad_fields_are_skipped_with_reasons_and_the_rest_goes_on(ray_session, untrained_weights, tmp_path):
+    import tifffile
+
+    from conftest import TRANSFLUOR
+    from microsnoop_ray.io.zarr_plate import write_plate
+
+    real = tifffile.imread(TRANSFLUOR / "AS_09047_050428030001_O01f00d2.TIF")[None]
+    nan = real.astype(np.float32)
+    nan[0, 10:20, 10:20] = np.nan
+    fields = {("A01", 1): real, ("A02", 1): nan, ("A03", 1): np.zeros_like(real), ("A04", 1): real.copy(),
+              ("A05", 1): real[:, :256, :300].copy(), ("A06", 1): real > 100}
+    plate = write_plate(tmp_path / "Bad.zarr", fields, ["GFP"], version="0.5")
+    for chunk in (plate / "A" / "4" / "0" / "0" / "c").rglob("*"):
+        if chunk.is_file():
+            chunk.write_bytes(b"not a chunk")
+    cfg = ProfileConfig.from_mapping({"inputs": [str(plate)], "out": str(tmp_path / "out"), "segmenter": "classical",
+                                      "weights": str(untrained_weights), "max_cells_per_site": 2, "progress": False})
+    summary = run_profile(cfg, progress_print=lambda *a: None)
+    skipped = pd.read_csv(tmp_path / "out" / "skipped.csv").set_index("Metadata_Well")["reason"]
+    assert sorted(skipped.index) == ["A02", "A03", "A04", "A06"]
+    assert "NaN" in skipped["A02"] and "constant" in skipped["A03"]
+    assert "pixel data unreadable" in skipped["A04"] and "not numeric" in skipped["A06"]
+    assert all(f"well {w}, site 1" in skipped[w] for w in skipped.index)
+    assert summary["plates"]["Bad"]["wells"] == 2 and summary["skipped"] == 4
