@@ -187,3 +187,20 @@ def test_bad_fields_are_skipped_with_reasons_and_the_rest_goes_on(ray_session, u
     assert "pixel data unreadable" in skipped["A04"] and "not numeric" in skipped["A06"]
     assert all(f"well {w}, site 1" in skipped[w] for w in skipped.index)
     assert summary["plates"]["Bad"]["wells"] == 2 and summary["skipped"] == 4
+
+
+def test_load_data_csv_image_table_through_the_pipeline(ray_session, untrained_weights, tmp_path):
+    from conftest import TRANSFLUOR
+
+    files = sorted(TRANSFLUOR.glob("AS_*_O0[12]f0[01]d2.TIF"))
+    ld = pd.DataFrame({"Metadata_Plate": "TF", "Metadata_Well": [f.name.split("_")[-1][:3] for f in files],
+                       "Metadata_Site": [int(f.name.split("f")[-1][:2]) + 1 for f in files],
+                       "FileName_GFP": [f.name for f in files], "PathName_GFP": str(TRANSFLUOR)})
+    ld.to_parquet(tmp_path / "load_data.parquet")
+    cfg = ProfileConfig.from_mapping({"inputs": [str(tmp_path / "load_data.parquet")], "out": str(tmp_path / "out"),
+                                      "segmenter": "classical", "weights": str(untrained_weights),
+                                      "max_cells_per_site": 2, "progress": False})
+    summary = run_profile(cfg, progress_print=lambda *a: None)
+    wells = pd.read_parquet(next((tmp_path / "out").glob("profiles/*/default/TF/TF.parquet")))
+    assert wells["Metadata_Well"].tolist() == ["O01", "O02"][:len(wells)] and summary["skipped"] + \
+        summary["plates"]["TF"]["sites"] == 4

@@ -115,3 +115,18 @@ def test_shipped_default_weights_load_and_match_their_card():
     assert weights_hash(raw["state_dict"]) == card.weights_sha256
     assert card.images_seen and card.images_seen > 0 and card.extra["hardware"]
     assert model.has_decoder  # full network: it can reconstruct and be fine-tuned
+
+
+def test_pool_reads_plates_and_cell_arrays(transfluor_plate, tmp_path):
+    plate, _ = transfluor_plate
+    import tifffile
+    field = tifffile.imread(shared("pretrain", "cellprofiler_examples", "ExampleHuman", "images",
+                                   sorted(p.name for p in (shared("pretrain", "cellprofiler_examples", "ExampleHuman",
+                                                                  "images")).glob("*.tif"))[0]))
+    cells = np.stack([np.stack([field[:40, :40], field[40:80, :40]]) for _ in range(3)])  # (3, 2, 40, 40)
+    np.save(tmp_path / "cells.npy", cells)
+    pool = build_pool([{"kind": "plate", "path": str(plate)}, {"kind": "cells", "path": str(tmp_path / "cells.npy"),
+                                                               "type": "crops"}])
+    summary = pool.summary()
+    assert summary["Transfluor"]["planes"] == 24  # 8 wells x 3 fields x 1 channel
+    assert summary["crops"]["planes"] == 6  # 3 cells x 2 channels, each its own one-channel image
