@@ -28,8 +28,9 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def sample(meta: pd.DataFrame, by: list[str], n: int, seed: int = 0) -> np.ndarray:
-    idx = meta.groupby(by, group_keys=False).apply(lambda g: g.sample(n=min(n, len(g)), random_state=seed)).index
-    return np.sort(idx.to_numpy())
+    rank = meta.assign(_draw=np.random.default_rng(seed).random(len(meta))).groupby(by)["_draw"].rank(
+        method="first")
+    return np.sort(meta.index.to_numpy()[rank.to_numpy() <= n])
 
 
 def main() -> None:

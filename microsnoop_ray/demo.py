@@ -154,7 +154,7 @@ def separation(sites: pd.DataFrame, feats: list[str]) -> dict:
     ``dmso_cross_plate`` : mean Euclidean distance between DMSO sites of different plates;
     ``drug_to_dmso`` : mean distance between drug sites and the DMSO sites of their own plate;
     ``ratio`` = the first over the second (lower: plate effects removed relative to the drug effect);
-    ``nn_accuracy`` : leave-one-out 1-NN (cosine) DMSO vs drug over the sites;
+    ``nn_accuracy`` : leave-one-out 1-NN (Euclidean) DMSO vs drug over the rows;
     ``dose_spearman`` : rank correlation of concentration and distance to the plate's DMSO mean.
     """
     from scipy.spatial.distance import cdist
@@ -165,7 +165,7 @@ def separation(sites: pd.DataFrame, feats: list[str]) -> dict:
     D = cdist(X, X)
     cross = [D[i, j] for i in np.flatnonzero(dmso) for j in np.flatnonzero(dmso) if plate[i] != plate[j]]
     drug = [D[i, j] for i in np.flatnonzero(~dmso) for j in np.flatnonzero(dmso) if plate[i] == plate[j]]
-    C = cdist(X, X, "cosine")
+    C = D.copy()  # Euclidean: sphered control profiles can be (near) zero vectors, where cosine is undefined
     np.fill_diagonal(C, np.inf)
     nn = C.argmin(axis=1)
     dist_to_dmso, conc = [], []
@@ -179,12 +179,47 @@ def separation(sites: pd.DataFrame, feats: list[str]) -> dict:
             "dmso_sites": int(dmso.sum())}
 
 
-def demo_bbbc021(out: Path, weights: Path | None, max_cells: int, num_cpus: int | None,
-                 epsilon: float = 0.1) -> dict:
-    """The BBBC021 mini-screen: 6 plates, DMSO in each, cycloheximide at 3 doses (pre-cropped cells)."""
-    from .pipeline.plate_job import ProfileConfig, run_profile
+def heldout_separation(out: Path, model_id: str, regularization: str = "faithful", epsilon: float = 1e-6,
+                       fit_on: str = "sites") -> dict:
+    """DMSO/drug separation before and after per-plate sphering, on sites the fit did not see.
+
+    Per plate, ZCA-cor is fitted on the DMSO site profiles (``fit_on="sites"``) or DMSO cells
+    (``"cells"``) of sites 1 and 3, and applied to the site profiles of DMSO sites 2 and 4 and
+    of every drug site (see :func:`separation`).
+    """
     from .profiles.aggregate import feature_columns
     from .profiles.sphering import fit_sphering
+
+    sites, fit_cells = _site_profiles(out, model_id)
+    feats = feature_columns(sites)
+    sites = sites.merge(pd.read_csv(out / "platemap.csv"), on=["Metadata_Plate", "Metadata_Well"], how="left")
+    held = sites[~((sites["Metadata_Compound"] == "DMSO") & sites["Metadata_Site"].isin([1, 3]))].reset_index(drop=True)
+    sphered = held.copy()
+    fits = {}
+    for plate, idx in held.groupby("Metadata_Plate").groups.items():
+        if fit_on == "cells":
+            C = fit_cells[plate].to_numpy(np.float64)
+        else:
+            ctrl = sites[(sites["Metadata_Plate"] == plate) & (sites["Metadata_Compound"] == "DMSO")
+                         & sites["Metadata_Site"].isin([1, 3])]
+            C = ctrl[feats].to_numpy(np.float64)
+        varying = C.var(axis=0) > 0
+        fit = fit_sphering(C[:, varying], "zca-cor", regularization, epsilon)
+        X = held.loc[idx, feats].to_numpy(np.float64)
+        Y = X - C.mean(axis=0)
+        Y[:, varying] = fit.transform(X[:, varying])
+        sphered.loc[idx, feats] = Y
+        fits[plate] = fit.describe()
+    return {"before_sphering": separation(held, feats), "after_per_plate_sphering": separation(sphered, feats),
+            "protocol": f"site profiles; per-plate zca-cor ({regularization} regularisation) fitted on the DMSO "
+                        f"{fit_on} of sites 1 and 3, evaluated on DMSO sites 2 and 4 and on all drug sites",
+            "fits": fits, "model_id": model_id}
+
+
+def demo_bbbc021(out: Path, weights: Path | None, max_cells: int, num_cpus: int | None,
+                 regularization: str = "faithful", epsilon: float = 1e-6) -> dict:
+    """The BBBC021 mini-screen: 6 plates, DMSO in each, cycloheximide at 3 doses (pre-cropped cells)."""
+    from .pipeline.plate_job import ProfileConfig, run_profile
     from .report import write_report
 
     data = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bbbc021_chx"
@@ -202,40 +237,35 @@ def demo_bbbc021(out: Path, weights: Path | None, max_cells: int, num_cpus: int 
         "inputs": [str(data / "cells.npz")], "cell_table": str(data / "cells.csv"), "out": str(out),
         "platemap": str(out / "platemap.csv"), "weights": str(weights) if weights else None,
         "channel_names": ["DNA", "ch1", "ch2"], "max_cells_per_site": max_cells, "cells_chunk": 128,
-        "sphering": {"scope": "plate", "fit_on": "cells", "regularization": "epsilon", "epsilon": epsilon},
+        "sphering": {"scope": "plate", "fit_on": "sites", "regularization": regularization, "epsilon": epsilon},
         "progress": sys.stderr.isatty()})
     ray = _ray(num_cpus)
     try:
         summary = run_profile(cfg)
     finally:
         ray.shutdown()
-    # held-out evaluation: fit per plate on the DMSO cells of sites 1 and 3, judge on the other sites
-    sites, fit_cells = _site_profiles(out, summary["model_id"])
-    feats = feature_columns(sites)
-    sites = sites.merge(pd.read_csv(out / "platemap.csv"), on=["Metadata_Plate", "Metadata_Well"], how="left")
-    held = sites[~((sites["Metadata_Compound"] == "DMSO") & sites["Metadata_Site"].isin([1, 3]))].reset_index(drop=True)
-    sphered = held.copy()
-    for plate, idx in held.groupby("Metadata_Plate").groups.items():
-        C = fit_cells[plate].to_numpy(np.float64)
-        varying = C.var(axis=0) > 0
-        fit = fit_sphering(C[:, varying], "zca-cor", "epsilon", epsilon)
-        X = held.loc[idx, feats].to_numpy(np.float64)
-        Y = X - C.mean(axis=0)
-        Y[:, varying] = fit.transform(X[:, varying])
-        sphered.loc[idx, feats] = Y
-    measured = {"before_sphering": separation(held, feats), "after_per_plate_sphering": separation(sphered, feats),
-                "protocol": "site profiles; per-plate zca-cor (epsilon %g) fitted on DMSO cells of sites 1 and 3, "
-                            "evaluated on DMSO sites 2 and 4 and all drug sites" % epsilon,
-                "max_cells_per_site": max_cells, "model_id": summary["model_id"]}
+    from .profiles.aggregate import feature_columns
+
+    wells = {k: pd.concat([pd.read_parquet(out / o["path"]) for o in summary["outputs"] if o["level"] == level])
+             for k, level in (("raw", "well"), ("sphered", "well (sphered)"))}
+    feats = feature_columns(wells["raw"])
+    measured = {
+        "wells_in_sample": {"before_sphering": separation(wells["raw"], feats),
+                            "after_per_plate_sphering": separation(wells["sphered"], feats),
+                            "note": "the pipeline's well profiles; each plate's sphering was fitted on its own DMSO "
+                                    "sites, so the DMSO wells are the fit data (in-sample)"},
+        "sites_held_out": heldout_separation(out, summary["model_id"], regularization, epsilon),
+        "max_cells_per_site": max_cells}
     rep = write_report(out, summary, color_by="Metadata_Compound", extra=measured)
     summary["mini_screen"] = measured
     summary["report"] = str(rep)
     summary["total_seconds"] = round(time.perf_counter() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    b, a = measured["before_sphering"], measured["after_per_plate_sphering"]
-    print(f"DMSO cross-plate / drug-to-DMSO distance ratio: {b['ratio']:.3f} before, {a['ratio']:.3f} after "
-          f"per-plate sphering; 1-NN DMSO-vs-drug accuracy {b['nn_accuracy']:.3f} -> {a['nn_accuracy']:.3f}; "
-          f"dose Spearman {b['dose_spearman']:.2f} -> {a['dose_spearman']:.2f}")
+    for name, m in (("wells (in-sample)", measured["wells_in_sample"]), ("held-out sites", measured["sites_held_out"])):
+        b, a = m["before_sphering"], m["after_per_plate_sphering"]
+        print(f"{name}: DMSO cross-plate / drug-to-DMSO distance ratio {b['ratio']:.3f} before, {a['ratio']:.3f} "
+              f"after per-plate sphering; 1-NN DMSO-vs-drug accuracy {b['nn_accuracy']:.3f} -> "
+              f"{a['nn_accuracy']:.3f}; dose Spearman {b['dose_spearman']:.2f} -> {a['dose_spearman']:.2f}")
     return summary
 
 

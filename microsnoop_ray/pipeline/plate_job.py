@@ -157,9 +157,10 @@ def list_work(cfg: ProfileConfig) -> tuple[list[dict], dict[str, PlateInfo], lis
                 raise InputError(path, f"{len(channels)} channel names for {arr.shape[1]} channels")
             meta = meta.assign(_row=np.arange(len(meta)))
             if cfg.max_cells_per_site:
-                meta = (meta.groupby(["Metadata_Plate", "Metadata_Well", "Metadata_Site"], group_keys=False)
-                        .apply(lambda g: g.sample(n=min(len(g), cfg.max_cells_per_site), random_state=cfg.seed))
-                        .sort_values("_row"))
+                draw = np.random.default_rng(cfg.seed).random(len(meta))
+                rank = meta.assign(_draw=draw).groupby(["Metadata_Plate", "Metadata_Well", "Metadata_Site"])[
+                    "_draw"].rank(method="first")
+                meta = meta[rank.to_numpy() <= cfg.max_cells_per_site]
             sizes = meta.groupby(["Metadata_Plate", "Metadata_Well", "Metadata_Site"]).size()
             meta["site_planes"] = [sizes[k] * len(channels) for k in
                                    zip(meta["Metadata_Plate"], meta["Metadata_Well"], meta["Metadata_Site"])]
