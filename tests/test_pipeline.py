@@ -111,11 +111,13 @@ def test_cell_arrays_with_plate_metadata(ray_session, untrained_weights, tmp_pat
     meta = pd.read_csv(shared("bbbc021_chx", "cells.csv"))
     pick = meta[meta["Metadata_Plate"].isin(["Week4_27801", "Week4_27861"])]
     pick = pick.groupby(["Metadata_Plate", "Metadata_Well"], group_keys=False).head(6)
-    np.savez(tmp_path / "cells.npz", images=data[pick.index.to_numpy()])
+    images = data[pick.index.to_numpy()].astype(np.float32)
+    images[5, 1, 3, 3] = np.nan  # one broken cell: left out and listed, its site still completes
+    np.savez(tmp_path / "cells.npz", images=images)
     pick.to_csv(tmp_path / "cells.csv", index=False)
     cfg = ProfileConfig.from_mapping({
         "inputs": [str(tmp_path / "cells.npz")], "out": str(tmp_path / "out"), "weights": str(untrained_weights),
-        "channel_names": ["DNA", "Tubulin", "Actin"], "progress": False, "cells_chunk": 8,
+        "channel_names": ["DNA", "Tubulin", "Actin"], "progress": False, "cells_chunk": 2,
         "sphering": {"scope": "plate", "fit_on": "cells", "regularization": "epsilon", "epsilon": 1e-3}})
     # the plate map comes from the cell table itself (compound, concentration, pert_type columns)
     pm = pick[["Metadata_Plate", "Metadata_Well", "Metadata_Compound", "Metadata_Concentration",
@@ -123,14 +125,17 @@ def test_cell_arrays_with_plate_metadata(ray_session, untrained_weights, tmp_pat
     pm.to_csv(tmp_path / "map.csv", index=False)
     cfg.platemap = str(tmp_path / "map.csv")
     summary = run_profile(cfg, progress_print=lambda *a: None)
-    assert summary["skipped"] == 0
-    assert sum(p["cells"] for p in summary["plates"].values()) == len(pick)
-    assert [f["n_controls"] for f in summary["sphering"]["fits"]] == [6, 6]
+    assert summary["skipped"] == 1
+    left_out = pd.read_csv(tmp_path / "out" / "skipped.csv")
+    assert left_out["kind"].tolist() == ["cell left out"] and "NaN" in left_out["reason"][0]
+    assert sum(p["cells"] for p in summary["plates"].values()) == len(pick) - 1
+    assert len(summary["sphering"]["fits"]) == 2  # one per plate, fitted on its DMSO cells (one was left out)
+    assert sum(f["n_controls"] for f in summary["sphering"]["fits"]) == 11
     wells = pd.concat(pd.read_parquet(f) for f in (tmp_path / "out").glob("profiles/*/Week4/*/*_sphered.parquet"))
     assert len(wells) == pm.shape[0] and (wells["Metadata_Batch"] == "Week4").all()
     assert [c for c in wells if c.startswith("Microsnoop_")][256] == "Microsnoop_Tubulin_000"
     cells = pd.concat(pd.read_parquet(f) for f in (tmp_path / "out").glob("embeddings/*/Week4/*/*/*.parquet"))
-    assert len(cells) == len(pick) and not cells.duplicated(["Metadata_Plate", "Metadata_Well", "Metadata_Site",
+    assert len(cells) == len(pick) - 1 and not cells.duplicated(["Metadata_Plate", "Metadata_Well", "Metadata_Site",
                                                               "Metadata_ObjectNumber"]).any()
     # without negative controls the profiles are still written, unsphered, and the summary says why
     pm[pm["Metadata_pert_type"] != "negcon"].drop(columns="Metadata_pert_type").to_csv(tmp_path / "map2.csv",
@@ -138,9 +143,10 @@ def test_cell_arrays_with_plate_metadata(ray_session, untrained_weights, tmp_pat
     cfg.platemap = str(tmp_path / "map2.csv")
     again = run_profile(cfg, progress_print=lambda *a: None)
     assert again["sphering"] == {"applied": False, "reason": "no Metadata_pert_type column in the plate map"}
-    assert again["this_run"]["sites_written"] == 0 and again["skipped"] == 0
+    assert again["this_run"]["sites_written"] == 0 and again["skipped"] == 1
     notes = pd.read_csv(tmp_path / "out" / "skipped.csv")
-    assert set(notes["kind"]) == {"plate map"} and set(notes["Metadata_Well"]) == {"B02"}
+    assert set(notes["kind"]) == {"plate map", "cell left out"}
+    assert set(notes.loc[notes["kind"] == "plate map", "Metadata_Well"]) == {"B02"}
     assert again["plate_map_problems"] == 2  # the DMSO well of each plate is not in this map
 
 

@@ -266,8 +266,9 @@ def run_profile(cfg: ProfileConfig, progress_print=print) -> dict:
     todo = [it for it in items if not site_done(layout, batch_of[it["plate"]], it["plate"], it["well"], it["site"],
                                                 cfg.retry_skipped)]
     for it in todo:  # a retried skip is replaced, never kept beside its new result
-        (layout.site_dir(batch_of[it["plate"]], it["plate"], it["well"], it["site"]) / "skipped.json").unlink(
-            missing_ok=True)
+        d = layout.site_dir(batch_of[it["plate"]], it["plate"], it["well"], it["site"])
+        (d / "skipped.json").unlink(missing_ok=True)
+        (d / "dropped.json").unlink(missing_ok=True)
     n_sites_todo = len({site_key(i["plate"], i["well"], i["site"]) for i in todo})
     progress_print(f"microsnoop-ray profile: {len(plates)} plate(s), {len(items)} work item(s); "
                    f"{n_sites_todo} site(s) to do, {sum(len(p.sites) for p in plates.values()) - n_sites_todo} "
@@ -277,14 +278,17 @@ def run_profile(cfg: ProfileConfig, progress_print=print) -> dict:
                   "border": cfg.border, "max_cells_per_site": cfg.max_cells_per_site}
     counts = {"sites_written": 0, "sites_skipped": 0}
 
-    def write_site(plate, well, site, cells: pd.DataFrame) -> None:
+    def write_site(plate, well, site, cells: pd.DataFrame, dropped: list | None = None) -> None:
         batch = batch_of[plate]
         row, col = split_well(well)
         meta = pd.DataFrame({"Metadata_Batch": batch, "Metadata_Plate": plate, "Metadata_Well": well,
                              "Metadata_Row": row, "Metadata_Column": col, "Metadata_Site": site},
                             index=cells.index)
         table = pd.concat([meta, cells], axis=1)
-        write_parquet(table, layout.site_dir(batch, plate, well, site) / "embeddings.parquet",
+        d = layout.site_dir(batch, plate, well, site)
+        if dropped:  # written first: a site with embeddings.parquet is complete, its notes included
+            _atomic_json(dropped, d / "dropped.json")
+        write_parquet(table, d / "embeddings.parquet",
                       {**provenance, "channels": plates[plate].channels})
         counts["sites_written"] += 1
 
@@ -356,6 +360,10 @@ def read_sites(layout: Layout, plates: dict[str, PlateInfo], method: str = "mean
                 cells = pd.read_parquet(f)
                 keys = SITE_KEYS + ["Metadata_Row", "Metadata_Column"]
                 rows.append(aggregate(cells[keys + feature_columns(cells)], keys, method))
+                if (d / "dropped.json").exists():
+                    skipped += [{"Metadata_Plate": plate, "Metadata_Well": well, "Metadata_Site": site,
+                                 "kind": "cell left out", "reason": c["reason"]}
+                                for c in json.loads((d / "dropped.json").read_text())]
             else:
                 reason = json.loads((d / "skipped.json").read_text())["reason"] if (d / "skipped.json").exists() \
                     else "not processed (interrupted run? rerun the same command)"
@@ -470,6 +478,7 @@ def _sphere(cfg: ProfileConfig, wells: pd.DataFrame, layout: Layout, plates: dic
 
 def _write_skipped(skipped: list[dict], layout: Layout) -> None:
     df = pd.DataFrame(skipped, columns=["Metadata_Plate", "Metadata_Well", "Metadata_Site", "kind", "reason"])
+    df["Metadata_Site"] = df["Metadata_Site"].astype("Int64")
     layout.root.mkdir(parents=True, exist_ok=True)
     tmp = layout.root / ".skipped.csv.tmp"
     df.sort_values(["Metadata_Plate", "Metadata_Well"], kind="stable").to_csv(tmp, index=False)

@@ -7,9 +7,10 @@ per one-channel plane) -> ``EncodeStage`` (encoder actor: plane -> 256 features)
 :class:`SiteCollector` on the driver, which writes every site as soon as all its planes
 have arrived.
 
-Every plane row carries the number of planes its site produces (``site_planes``), so the
-collector knows when a site is complete; a site that produces nothing sends one row of
-kind ``SKIP`` with the reason, so every input is accounted for.
+Every row carries the number of planes its site produces (``site_planes``) and how many of
+them it stands for (``count``), so the collector knows when a site is complete; a site (or a
+chunk of cells) that produces nothing sends one row of kind ``SKIP`` with the reason, and a
+single unusable cell one row of kind ``DROP``, so every input is accounted for.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from ..preprocess import normalize_percentile, pad_center
 
 log = logging.getLogger(__name__)
 
-PLANE, SKIP = 0, 1
+PLANE, SKIP, DROP = 0, 1, 2  # a plane; a whole site skipped; one cell left out
 _OBJECT_COLUMNS = ["Metadata_ObjectNumber", "Metadata_Location_Center_X", "Metadata_Location_Center_Y",
                    "Metadata_Object_Area", "Metadata_Crop_Top", "Metadata_Crop_Bottom", "Metadata_Crop_Left",
                    "Metadata_Crop_Right"]
@@ -105,18 +106,27 @@ def _plane_rows(item: dict, objects: pd.DataFrame, crops: np.ndarray, site_plane
         "kind": np.full(n, PLANE, np.int64),
         "site_planes": np.full(n, site_planes if site_planes is not None else n, np.int64)
         if not isinstance(site_planes, np.ndarray) else np.repeat(site_planes, c),
-        "reason": np.full(n, "", dtype=object), **cols, "plane": planes,
+        "reason": np.full(n, "", dtype=object), "count": np.ones(n, np.int64), **cols, "plane": planes,
     }
 
 
-def _skip_row(item: dict, reason: str, site: int | None = None) -> dict:
+def _skip_row(item: dict, reason: str, kind: int = SKIP, count: int = 1, site_planes: int = 1,
+              object_number: float = np.nan) -> dict:
     row = {"plate": np.array([item["plate"]], object), "well": np.array([item["well"]], object),
-           "site": np.array([int(site if site is not None else item["site"])]), "channel": np.array([0]),
-           "kind": np.array([SKIP]), "site_planes": np.array([1]), "reason": np.array([reason], object)}
+           "site": np.array([int(item["site"])]), "channel": np.array([0]), "kind": np.array([kind]),
+           "site_planes": np.array([site_planes]), "reason": np.array([reason], object), "count": np.array([count])}
     for k in _OBJECT_COLUMNS:
         row[k] = np.array([np.nan])
+    row["Metadata_ObjectNumber"] = np.array([float(object_number)])
     row["plane"] = np.zeros((1, INPUT_SIZE, INPUT_SIZE), np.float32)
     return row
+
+
+def _chunk_skip(item: dict, reason: str) -> dict:
+    """A SKIP row that stands for every plane of a chunk of cells (its site cannot complete otherwise)."""
+    meta = pd.DataFrame(json.loads(item["cells_meta"]))
+    return _skip_row(item, reason, count=len(meta) * int(item["n_channels"]),
+                     site_planes=int(meta["site_planes"].iloc[0]))
 
 
 def _concat(rows: list[dict]) -> dict:
@@ -157,7 +167,7 @@ class CropStage:
     def process(self, item: dict) -> dict:
         """One work item (with its ``image``) -> plane rows."""
         if item.get("error"):
-            return _skip_row(item, item["error"])
+            return _chunk_skip(item, item["error"]) if item["kind"] == "cells" else _skip_row(item, item["error"])
         image = item["image"]
         if item["kind"] == "cells":
             return self._cells(item, image)
@@ -186,13 +196,16 @@ class CropStage:
         meta = pd.DataFrame(json.loads(item["cells_meta"]))
         if cells.ndim == 3:
             cells = cells[:, None]
+        where = f"plate {item['plate']}, well {item['well']}, site {item['site']}"
         if cells.shape[-1] > INPUT_SIZE or cells.shape[-2] > INPUT_SIZE:
-            return _skip_row(item, f"plate {item['plate']}: cells of {cells.shape[-2]}x{cells.shape[-1]} are larger "
-                                   f"than {INPUT_SIZE}")
+            return _chunk_skip(item, f"{where}: cells of {cells.shape[-2]}x{cells.shape[-1]} are larger than "
+                                     f"{INPUT_SIZE}")
+        if cells.dtype.kind not in "uif":
+            return _chunk_skip(item, f"{where}: pixel type {cells.dtype} is not numeric")
         bad = ~np.isfinite(cells.reshape(len(cells), -1)).all(axis=1)
-        rows = []
-        if bad.any():  # such cells are dropped and counted out of their site's total
-            log.warning("plate %s: %d cells with NaN pixels dropped", item["plate"], int(bad.sum()))
+        rows = [_skip_row(item, f"{where}: cell {int(m.Metadata_ObjectNumber)} has NaN or infinite pixels", DROP,
+                          count=cells.shape[1], site_planes=int(m.site_planes), object_number=m.Metadata_ObjectNumber)
+                for m in meta[bad].itertuples(index=False)]
         good = ~bad
         meta = meta[good].reset_index(drop=True)
         cells = cells[good]
@@ -201,7 +214,7 @@ class CropStage:
                                     sites=meta["Metadata_Site"].to_numpy(), normalization=self.o.get("normalization",
                                                                                                      "default")))
             rows[-1]["well"] = np.repeat(meta["Metadata_Well"].to_numpy(object), cells.shape[1])
-        return _concat(rows) if rows else _skip_row(item, "every cell of the chunk has NaN pixels")
+        return _concat(rows)
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["plate"])
@@ -255,7 +268,7 @@ class SiteCollector:
 
     Parameters
     ----------
-    write_site : callable(plate, well, site, cells DataFrame) -> None
+    write_site : callable(plate, well, site, cells DataFrame, dropped list of dict) -> None
     write_skip : callable(plate, well, site, reason) -> None
     channels : dict plate -> list of channel names
     """
@@ -272,7 +285,7 @@ class SiteCollector:
         for key, idx in order.groupby(level=0):
             part = {k: np.asarray(v)[idx.to_numpy()] for k, v in batch.items()}
             self.pending.setdefault(key, []).append(part)
-            self.received[key] = self.received.get(key, 0) + len(idx)
+            self.received[key] = self.received.get(key, 0) + int(part["count"].sum())
             if self.received[key] >= int(part["site_planes"][0]):
                 self._finish(key)
 
@@ -284,8 +297,16 @@ class SiteCollector:
         site = int(site)
         if (rows["kind"] == SKIP).any():
             self.write_skip(plate, well, site, str(rows["reason"][rows["kind"] == SKIP][0]))
+            self.sites_done += 1
+            return
+        drop = rows["kind"] == DROP
+        dropped = [{"Metadata_ObjectNumber": int(o), "reason": str(r)}
+                   for o, r in zip(rows["Metadata_ObjectNumber"][drop], rows["reason"][drop])]
+        kept = {k: v[~drop] for k, v in rows.items()}
+        if len(kept["kind"]) == 0:
+            self.write_skip(plate, well, site, f"every cell was left out ({dropped[0]['reason']})")
         else:
-            self.write_site(plate, well, site, assemble_cells(rows, self.channels[plate]))
+            self.write_site(plate, well, site, assemble_cells(kept, self.channels[plate]), dropped)
         self.sites_done += 1
 
     def incomplete(self) -> list[str]:
