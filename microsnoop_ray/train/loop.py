@@ -234,13 +234,15 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: t
             report(metrics, ckpt)
     result = {"history": history, "images_seen": images_seen, "seconds": seconds}
     if rank == 0:
+        runner = "Ray Train TorchTrainer (jobs/pretrain.py or train --ray)" if wrap is not None else \
+            "microsnoop-ray train (one process)"
         result["model_card"] = write_weights(_unwrap(model), cfg, pool.summary(), history, images_seen, seconds,
-                                             device).to_dict()
+                                             device, runner).to_dict()
     return result
 
 
 def write_weights(model: MicrosnoopUNet, cfg: TrainConfig, pool_summary: dict, history: list, images_seen: int,
-                  seconds: float, device: torch.device) -> ModelCard:
+                  seconds: float, device: torch.device, runner: str = "microsnoop-ray train") -> ModelCard:
     """Write the trained weights (fp16 by default) with a model card describing the run."""
     out = Path(cfg.output) if cfg.output else cfg.run_dir() / "microsnoop_pretrained.pt"
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else \
@@ -251,7 +253,7 @@ def write_weights(model: MicrosnoopUNet, cfg: TrainConfig, pool_summary: dict, h
         weights_sha256="",
         training_data=", ".join(f"{k} ({v['planes']} planes)" for k, v in pool_summary.items()),
         epochs=float(len(history)), images_seen=int(images_seen), mask_ratio=cfg.mask_ratio,
-        input_size=cfg.input_size, source="microsnoop-ray pretraining (jobs/pretrain.py)",
+        input_size=cfg.input_size, source=f"microsnoop-ray pretraining: {runner}",
         notes=(f"{len(history)} epochs of {cfg.epoch_size} images (schedule of {cfg.nepoch}, warm-up {cfg.warmup}); "
                f"{seconds / 3600:.2f} h on {hardware} x {cfg.num_workers} worker(s)"),
         extra={"config": cfg.to_dict(), "hardware": hardware, "train_seconds": round(seconds, 1),
