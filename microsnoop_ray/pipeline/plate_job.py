@@ -170,16 +170,12 @@ def list_work(cfg: ProfileConfig) -> tuple[list[dict], dict[str, PlateInfo], lis
                                     else cfg.batch, channels, str(path),
                                     list(zip(sites["Metadata_Well"], sites["Metadata_Site"].astype(int)))))
                 for (well, site), cells in sub.groupby(["Metadata_Well", "Metadata_Site"], sort=True):
-                    rows = cells["_row"].to_numpy()
-                    # contiguous runs of rows, at most cells_chunk long
-                    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-                    for run in np.split(np.arange(len(rows)), breaks):
-                        for start in range(0, len(run), cfg.cells_chunk):
-                            part = cells.iloc[run[start:start + cfg.cells_chunk]]
-                            m = part[["Metadata_Well", "Metadata_Site", "Metadata_ObjectNumber", "site_planes"]]
-                            items.append(_item("cells", str(name), well, int(site), len(channels), path=str(path),
-                                               start=int(part["_row"].iloc[0]), stop=int(part["_row"].iloc[-1]) + 1,
-                                               cells_meta=m.to_json(orient="records")))
+                    for start in range(0, len(cells), cfg.cells_chunk):
+                        part = cells.iloc[start:start + cfg.cells_chunk]
+                        m = part[["Metadata_Well", "Metadata_Site", "Metadata_ObjectNumber", "site_planes"]]
+                        items.append(_item("cells", str(name), well, int(site), len(channels), path=str(path),
+                                           rows=json.dumps(part["_row"].astype(int).tolist()),
+                                           cells_meta=m.to_json(orient="records")))
         else:
             raise InputError(path, "not an OME-Zarr plate folder, an image table (.parquet/.csv) or a cell array "
                                    "(.npz/.npy)")
@@ -199,7 +195,7 @@ def _channel_index(value, channels: list, where) -> int:
 
 def _item(kind, plate, well, site, n_channels, **kw) -> dict:
     base = {"kind": kind, "plate": plate, "well": well, "site": int(site), "n_channels": int(n_channels),
-            "path": "", "group": "", "files": "", "start": 0, "stop": 0, "cells_meta": "", "nuclei_channel": 0,
+            "path": "", "group": "", "files": "", "rows": "", "cells_meta": "", "nuclei_channel": 0,
             "labels": ""}
     base.update(kw)
     return base

@@ -14,6 +14,7 @@ single unusable cell one row of kind ``DROP``, so every input is accounted for.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -40,12 +41,24 @@ def site_key(plate: str, well: str, site: int) -> str:
 
 # --------------------------------------------------------------------------- read (tasks)
 
+@functools.lru_cache(maxsize=2)
+def _cell_array_cached(path: str, mtime: float) -> np.ndarray:
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    return arr["images"] if isinstance(arr, np.lib.npyio.NpzFile) else arr
+
+
+def cell_array(path: str) -> np.ndarray:
+    """A cell array, opened once per worker process: ``.npy`` is memory-mapped, ``.npz`` loaded
+    (use ``.npy`` for arrays larger than a worker's memory)."""
+    return _cell_array_cached(str(path), Path(path).stat().st_mtime)
+
+
 def read_item(item: dict) -> dict:
     """Read the pixels of one work item; errors become ``error`` text, never exceptions.
 
     Items of kind ``zarr`` (``path`` = plate folder, ``group`` = image group), ``files``
     (``files`` = JSON list of one path per channel) and ``cells`` (``path`` = cell array,
-    ``start``/``stop`` rows).
+    ``rows`` = JSON list of row indices).
     """
     row = dict(item)
     row["error"] = ""
@@ -67,9 +80,8 @@ def read_item(item: dict) -> dict:
                 raise InputError(where, f"channel images differ in size: {sorted(shapes)}")
             image = np.concatenate(planes, axis=0)
         elif item["kind"] == "cells":
-            arr = np.load(item["path"], mmap_mode="r", allow_pickle=False)
-            arr = arr["images"] if isinstance(arr, np.lib.npyio.NpzFile) else arr
-            image = np.ascontiguousarray(arr[int(item["start"]):int(item["stop"])])
+            rows = json.loads(item["rows"])
+            image = np.ascontiguousarray(cell_array(item["path"])[rows])
         else:
             raise ValueError(f"unknown item kind {item['kind']!r}")
         n_channels = int(item["n_channels"])
