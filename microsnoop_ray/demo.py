@@ -188,7 +188,7 @@ def heldout_separation(out: Path, model_id: str, regularization: str = "faithful
     of every drug site (see :func:`separation`).
     """
     from .profiles.aggregate import feature_columns
-    from .profiles.sphering import fit_sphering
+    from .profiles.sphering import fit_and_transform
 
     sites, fit_cells = _site_profiles(out, model_id)
     feats = feature_columns(sites)
@@ -203,13 +203,8 @@ def heldout_separation(out: Path, model_id: str, regularization: str = "faithful
             ctrl = sites[(sites["Metadata_Plate"] == plate) & (sites["Metadata_Compound"] == "DMSO")
                          & sites["Metadata_Site"].isin([1, 3])]
             C = ctrl[feats].to_numpy(np.float64)
-        varying = C.var(axis=0) > 0
-        fit = fit_sphering(C[:, varying], "zca-cor", regularization, epsilon)
-        X = held.loc[idx, feats].to_numpy(np.float64)
-        Y = X - C.mean(axis=0)
-        Y[:, varying] = fit.transform(X[:, varying])
-        sphered.loc[idx, feats] = Y
-        fits[plate] = fit.describe()
+        sphered.loc[idx, feats], fits[plate] = fit_and_transform(C, held.loc[idx, feats].to_numpy(), "zca-cor",
+                                                                 regularization, epsilon)
     return {"before_sphering": separation(held, feats), "after_per_plate_sphering": separation(sphered, feats),
             "protocol": f"site profiles; per-plate zca-cor ({regularization} regularisation) fitted on the DMSO "
                         f"{fit_on} of sites 1 and 3, evaluated on DMSO sites 2 and 4 and on all drug sites",

@@ -158,7 +158,7 @@ def join_platemap(wells: pd.DataFrame, platemap: pd.DataFrame | None) -> tuple[p
     pm_rows = platemap if "Metadata_Plate" in platemap else pd.concat(
         [platemap.assign(Metadata_Plate=p) for p in plates], ignore_index=True)
     pm_rows = pm_rows[pm_rows["Metadata_Plate"].isin(plates)]
-    absent = pm_rows.merge(seen.assign(_seen=1) if "Metadata_Plate" in seen else seen.assign(_seen=1),
+    absent = pm_rows.merge(seen.assign(_seen=1),
                            on=keys, how="left")
     for r in absent.loc[absent["_seen"].isna(), ["Metadata_Plate", "Metadata_Well"]].itertuples(index=False):
         problems.append({"Metadata_Plate": r.Metadata_Plate, "Metadata_Well": r.Metadata_Well,

@@ -105,7 +105,8 @@ class Plate:
         field = field or next(self.fields())
         attrs = _ome_attrs(self.root[field.path])
         chans = attrs.get("omero", {}).get("channels")
-        n = self._array(field)[1].shape[self._array(field)[2].index("c")] if "c" in self._array(field)[2] else 1
+        _, arr, axes = self._array(field)
+        n = arr.shape[axes.index("c")] if "c" in axes else 1
         if chans:
             names = [str(c.get("label") or f"ch{i}") for i, c in enumerate(chans)]
             if len(names) != n:

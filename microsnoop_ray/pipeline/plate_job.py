@@ -384,7 +384,6 @@ def postprocess(cfg: ProfileConfig, plates: dict[str, PlateInfo], layout: Layout
         return summary
     wells = aggregate(sites.drop(columns=["Metadata_Site"]), WELL_KEYS + ["Metadata_Row", "Metadata_Column"],
                       cfg.aggregation)
-    wells = wells.rename(columns={"Metadata_Object_Count": "Metadata_Object_Count"})
     n_sites = sites.groupby(["Metadata_Plate", "Metadata_Well"]).size().rename("Metadata_Site_Count").reset_index()
     wells = wells.merge(n_sites, on=["Metadata_Plate", "Metadata_Well"], how="left")
     platemap = read_platemap(cfg.platemap) if cfg.platemap else None

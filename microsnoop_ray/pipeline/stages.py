@@ -116,8 +116,8 @@ def _plane_rows(item: dict, objects: pd.DataFrame, crops: np.ndarray, site_plane
         "plate": np.full(n, item["plate"], dtype=object), "well": np.full(n, item["well"], dtype=object),
         "site": np.repeat(np.asarray(sites, np.int64), c), "channel": np.tile(np.arange(c, dtype=np.int64), m),
         "kind": np.full(n, PLANE, np.int64),
-        "site_planes": np.full(n, site_planes if site_planes is not None else n, np.int64)
-        if not isinstance(site_planes, np.ndarray) else np.repeat(site_planes, c),
+        "site_planes": np.repeat(site_planes, c) if isinstance(site_planes, np.ndarray)
+        else np.full(n, n if site_planes is None else site_planes, np.int64),
         "reason": np.full(n, "", dtype=object), "count": np.ones(n, np.int64), **cols, "plane": planes,
     }
 

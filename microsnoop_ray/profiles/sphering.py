@@ -138,6 +138,22 @@ def fit_sphering(controls: np.ndarray | pd.DataFrame, method: str = "zca-cor", r
 SCOPES = ("plate", "batch", "global")
 
 
+def fit_and_transform(controls: np.ndarray, X: np.ndarray, method: str = "zca-cor", regularization: str = "epsilon",
+                      epsilon: float = 1e-6) -> tuple[np.ndarray, dict]:
+    """Fit on ``controls`` (n, d) and sphere ``X`` (m, d); features constant over the controls
+    (an empty channel) are only centred.
+
+    Returns the sphered (m, d) float64 array and the fit's description (with ``constant_features``).
+    """
+    C = np.asarray(controls, np.float64)
+    X = np.asarray(X, np.float64)
+    varying = C.var(axis=0) > 0
+    fit = fit_sphering(C[:, varying], method, regularization, epsilon)
+    Y = X - C.mean(axis=0)
+    Y[:, varying] = fit.transform(X[:, varying])
+    return Y, {**fit.describe(), "constant_features": int((~varying).sum())}
+
+
 def sphere_profiles(profiles: pd.DataFrame, controls: pd.Series | np.ndarray | None = None, scope: str = "plate",
                     method: str = "zca-cor", regularization: str = "epsilon", epsilon: float = 1e-6,
                     fit_on: pd.DataFrame | None = None, min_controls: int = 2,
@@ -190,15 +206,9 @@ def sphere_profiles(profiles: pd.DataFrame, controls: pd.Series | np.ndarray | N
         if len(ctrl) < min_controls:
             raise ValueError(f"{where}: {len(ctrl)} negative-control profile(s), at least {min_controls} needed to fit "
                              f"sphering (use scope 'batch' or 'global', or fit on control cells)")
-        C = ctrl[feats].to_numpy(np.float64)
-        varying = C.var(axis=0) > 0
-        cols = [f for f, v in zip(feats, varying) if v]
-        fit = fit_sphering(C[:, varying], method, regularization, epsilon)
-        X = profiles.loc[index, feats].to_numpy(np.float64)
-        Y = X - C.mean(axis=0)  # features constant over the controls: centred only
-        Y[:, varying] = fit.transform(X[:, varying])
+        Y, described = fit_and_transform(ctrl[feats].to_numpy(np.float64), profiles.loc[index, feats].to_numpy(),
+                                         method, regularization, epsilon)
         out.loc[index, feats] = Y
-        fits.append({"scope": scope, "group": None if group is None else str(group), **fit.describe(),
-                     "constant_features": int((~varying).sum())})
+        fits.append({"scope": scope, "group": None if group is None else str(group), **described})
     out[feats] = out[feats].astype(np.float32)
     return out, fits
