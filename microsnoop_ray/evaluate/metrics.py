@@ -46,3 +46,59 @@ def knn_accuracy(X: np.ndarray, y: np.ndarray, k: int = 11, metric: str = "eucli
     per_class = {str(c): float((pred[y == c] == c).mean()) for c in np.unique(y)}
     return {"accuracy": float((pred == y).mean()), "per_class": per_class,
             "macro_f1": float(f1_score(y, pred, average="macro")), "k": k, "metric": metric, "n": int(len(y))}
+
+
+def mlp_accuracy(X: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0, max_iter: int = 1000,
+                 hidden_layer_sizes: tuple = (100,)) -> dict:
+    """Stratified k-fold accuracy of ``MLPClassifier(max_iter=1000)`` (METHOD.md section 6, BBBC048).
+
+    Features go to the classifier as they are (the reference does not scale them).
+
+    Parameters
+    ----------
+    X : ndarray (n, d)
+    y : ndarray (n,)
+    folds : int
+        Stratified folds; the smallest class must have at least ``folds`` members.
+
+    Returns
+    -------
+    dict with ``accuracy`` (mean over folds), ``sd`` (population SD over folds), ``fold_accuracy``,
+    ``macro_f1`` (of the pooled out-of-fold predictions), ``per_class`` and ``n``.
+    """
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.metrics import f1_score
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.neural_network import MLPClassifier
+
+    X = np.asarray(X, np.float64)
+    y = np.asarray(y)
+    labels, counts = np.unique(y, return_counts=True)
+    if counts.min() < folds:
+        raise ValueError(f"class {labels[np.argmin(counts)]!r} has {counts.min()} member(s), "
+                         f"fewer than the {folds} folds")
+    pred = np.empty_like(y)
+    accs = []
+    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, y):
+        clf = MLPClassifier(hidden_layer_sizes=hidden_layer_sizes, max_iter=max_iter, random_state=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf.fit(X[train], y[train])
+        pred[test] = clf.predict(X[test])
+        accs.append(float((pred[test] == y[test]).mean()))
+    per_class = {str(c): float((pred[y == c] == c).mean()) for c in labels}
+    return {"accuracy": float(np.mean(accs)), "sd": float(np.std(accs)), "fold_accuracy": accs,
+            "macro_f1": float(f1_score(y, pred, average="macro")), "per_class": per_class,
+            "folds": folds, "n": int(len(y))}
+
+
+def silhouette(X: np.ndarray, y: np.ndarray, metric: str = "cosine") -> float:
+    """Mean silhouette coefficient of the labelled groups (scikit-learn), in [-1, 1]."""
+    from sklearn.metrics import silhouette_score
+
+    y = np.asarray(y)
+    if len(np.unique(y)) < 2:
+        raise ValueError("silhouette needs at least two labels")
+    return float(silhouette_score(np.asarray(X, np.float64), y, metric=metric))
