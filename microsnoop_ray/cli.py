@@ -297,6 +297,90 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from .evaluate import commands
+    from .evaluate.figures import embedding_png
+    from .io.tables import read_table
+
+    if args.metric == "suite":
+        return _evaluate_suites(args)
+    df = read_table(args.table)
+    where = str(args.table)
+    if args.metric == "knn":
+        summary, X, y = commands.evaluate_knn(df, args.label, args.k, args.distance, where)
+    elif args.metric == "mlp":
+        summary, X, y = commands.evaluate_mlp(df, args.label, args.folds, args.seed, where)
+    elif args.metric == "silhouette":
+        summary, X, y = commands.evaluate_silhouette(df, args.label, args.distance, where)
+    elif args.metric == "nsc":
+        summary, X, y = commands.evaluate_nsc(df, args.moa, args.compound, args.concentration, args.batch_rule,
+                                              args.sphere, args.distance, where)
+    else:
+        summary, X, y = commands.evaluate_map(df, args.pert.split(","), args.question, not args.any_plate,
+                                              args.null_size, args.seed, where)
+    summary["input"] = where if "input" not in summary else f"{where} ({summary['input']})"
+    if args.png:
+        summary["figure"] = str(embedding_png(X, y, args.png, f"{args.table.name}: {args.metric}",
+                                              method=args.picture))
+    text = json.dumps(summary, indent=1, default=str)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text)
+    print(text if not args.json else _headline(summary))
+    return 0
+
+
+def _headline(s: dict) -> str:
+    if s["metric"] == "nsc":
+        return (f"NSC {s['nsc']['correct']}/{s['nsc']['total']} ({s['nsc']['accuracy']:.3f}), "
+                f"NSCB {s['nscb']['correct']}/{s['nscb']['total']} ({s['nscb']['accuracy']:.3f})")
+    if s["metric"] == "map":
+        return f"mean mAP {s['mean_map']:.3f}, fraction retrieved {s['fraction_retrieved']:.3f} ({s['n_groups']} groups)"
+    if s["metric"] == "silhouette":
+        return f"silhouette {s['silhouette']:.3f} ({s['n']} rows)"
+    extra = f" ± {s['sd']:.3f}" if "sd" in s else ""
+    return f"{s['metric']} accuracy {s['accuracy']:.3f}{extra}, macro F1 {s['macro_f1']:.3f} ({s['n']} rows)"
+
+
+def _evaluate_suites(args: argparse.Namespace) -> int:
+    from .evaluate.report import write_report
+    from .evaluate.suites import SUITES, run_suite, table_markdown
+
+    names = list(SUITES) if args.suite == "all" else args.suite.split(",")
+    unknown = [n for n in names if n not in SUITES]
+    if unknown:
+        raise MicrosnoopError(f"unknown suite(s) {unknown}; choose from {sorted(SUITES)} or 'all'")
+    methods = args.methods.split(",")
+    opts = {"mlcp-cellcycle": {"per_class": args.per_class, "seed": args.seed},
+            "bbbc021-chx": {"per_well": args.per_well, "seed": args.seed, "null_size": args.null_size},
+            "bbbc021-cp-profiles": {"seed": args.seed},
+            "lincs-plate": {"seed": args.seed, "null_size": args.null_size}}
+    log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    for name in names:
+        try:
+            doc = run_suite(name, args.data, args.out, methods, args.weights, log=log, **opts[name])
+        except ValueError as exc:
+            raise MicrosnoopError(f"suite {name}: {exc}") from None
+        print(f"\n## {name}\n")
+        print(table_markdown(doc))
+    md, _ = write_report(args.out)
+    print(f"results in {args.out}; report {md}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .evaluate.report import collect_results, write_report
+
+    if not collect_results(args.results):
+        raise InputError(args.results, "no suite results (<suite>/result.json) here: run "
+                                       "`microsnoop-ray evaluate suite all --out <folder>` first")
+    md, page = write_report(args.results, args.out)
+    print(f"wrote {md} and {page}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="microsnoop-ray", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -432,6 +516,60 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--mask-ratio", dest="mask_ratio", type=float, default=0.25)
     rc.add_argument("--seed", type=int, default=0)
     rc.set_defaults(func=_cmd_reconstruct)
+
+    ev = sub.add_parser("evaluate", help="evaluate profiles (kNN, MLP, NSC/NSCB, copairs mAP, silhouette) or run "
+                                         "benchmark suites with baselines")
+    evs = ev.add_subparsers(dest="metric", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("table", type=Path, help="profiles: Parquet/CSV with Metadata_* columns and features")
+    common.add_argument("--json", type=Path, default=None, help="write the JSON summary here (else print it)")
+    common.add_argument("--png", type=Path, default=None, help="write a 2-D map of the profiles coloured by label")
+    common.add_argument("--picture", choices=["umap", "pca"], default="umap")
+    common.add_argument("--seed", type=int, default=0)
+    for name, helptext in (("knn", "leave-one-out kNN accuracy (METHOD.md vote rule)"),
+                           ("mlp", "MLPClassifier(max_iter=1000), stratified k-fold accuracy"),
+                           ("silhouette", "silhouette score of the label groups")):
+        q = evs.add_parser(name, parents=[common], help=helptext)
+        q.add_argument("--label", required=True, help="the label column, e.g. Metadata_Phase")
+        if name == "knn":
+            q.add_argument("--k", type=int, default=11)
+        if name == "mlp":
+            q.add_argument("--folds", type=int, default=5)
+        q.add_argument("--distance", choices=["euclidean", "cosine"],
+                       default="cosine" if name == "silhouette" else "euclidean")
+    q = evs.add_parser("nsc", parents=[common], help="BBBC021 NSC and NSCB (treatment or well profiles)")
+    q.add_argument("--moa", default="Metadata_moa")
+    q.add_argument("--compound", default="Metadata_Compound")
+    q.add_argument("--concentration", default="Metadata_Concentration")
+    q.add_argument("--batch-rule", dest="batch_rule", choices=["batch", "plate"], default="batch",
+                   help="batch = Metadata_Batch (the week); plate = the reference's plate-string rule")
+    q.add_argument("--sphere", choices=["none", "plate", "batch", "global"], default="none",
+                   help="sphere well profiles on their negative controls first")
+    q.add_argument("--distance", choices=["cosine", "euclidean"], default="cosine")
+    q = evs.add_parser("map", parents=[common], help="copairs mAP: activity vs controls, or replicate consistency")
+    q.add_argument("--pert", required=True, help="perturbation column(s), comma-separated")
+    q.add_argument("--question", choices=["activity", "consistency"], default="activity")
+    q.add_argument("--any-plate", dest="any_plate", action="store_true",
+                   help="negatives are controls of any plate (default: the same plate)")
+    q.add_argument("--null-size", dest="null_size", type=int, default=10000)
+    q = evs.add_parser("suite", help="run benchmark suites through the shipped weights and every baseline")
+    q.add_argument("suite", help="mlcp-cellcycle, bbbc021-chx, bbbc021-cp-profiles, lincs-plate, "
+                                 "a comma-separated list, or all")
+    q.add_argument("--data", type=Path, default=Path("../shared/data"), help="the shared data folder")
+    q.add_argument("--out", type=Path, default=Path("evaluation"))
+    q.add_argument("--methods", default="microsnoop,random_init,cp_measure,pixels_pca")
+    q.add_argument("--weights", type=Path, default=None, help="weights of the microsnoop method (default: shipped)")
+    q.add_argument("--per-class", dest="per_class", type=int, default=100)
+    q.add_argument("--per-well", dest="per_well", type=int, default=40)
+    q.add_argument("--null-size", dest="null_size", type=int, default=10000)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=_cmd_evaluate)
+
+    rp = sub.add_parser("report", help="one Markdown/HTML page with the last result of every evaluation suite")
+    rp.add_argument("--results", type=Path, default=Path("evaluation"))
+    rp.add_argument("--out", type=Path, default=None, help="default: the results folder")
+    rp.set_defaults(func=_cmd_report)
     return p
 
 
