@@ -573,9 +573,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _sigterm_as_interrupt():
+    """SIGTERM (``ray job stop``, a batch scheduler) unwinds like Ctrl-C, so that clean-up code runs;
+    finished sites stay written and a rerun of the same command does only what is missing.
+    Returns the previous handler (None off the main thread)."""
+    import signal
+    import threading
+
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        return signal.signal(signal.SIGTERM, _raise)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = _sigterm_as_interrupt()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -584,8 +600,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"microsnoop-ray {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"microsnoop-ray {args.command}: interrupted", file=sys.stderr)
+        print(f"microsnoop-ray {args.command}: interrupted; rerun the same command to finish what is missing",
+              file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            import signal
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,8 @@ class ProfileConfig:
     encoder_threads: int | None = None
     crop_actors: int | None = None
     crop_cpus: float = 0.5
+    crop_resources: dict | None = None
+    encode_resources: dict | None = None
     device: str = "auto"
     compile: bool = False
     retry_skipped: bool = False
@@ -296,6 +298,7 @@ def run_profile(cfg: ProfileConfig, progress_print=print) -> dict:
         collector = SiteCollector(write_site, write_skip, {p: i.channels for p, i in plates.items()})
         for batch in build_dataset(cfg, todo).iter_batches(batch_size=None, batch_format="numpy"):
             collector.add(batch)
+        counts["duplicate_rows_ignored"] = collector.duplicates
         if collector.incomplete():
             raise RuntimeError(f"{len(collector.incomplete())} site(s) did not receive all their planes: "
                                f"{collector.incomplete()[:5]}")
@@ -309,6 +312,17 @@ def run_profile(cfg: ProfileConfig, progress_print=print) -> dict:
     return summary
 
 
+def _fits(total: Mapping[str, float], need: Mapping[str, float] | None) -> int | None:
+    """How many actors that each need the custom resources ``need`` fit in the cluster (None: no need given)."""
+    if not need:
+        return None
+    missing = [k for k in need if total.get(k, 0) < need[k]]
+    if missing:
+        raise ValueError(f"the cluster has no node with the resource(s) {missing} that the actors ask for "
+                         f"(cluster resources: {sorted(k for k in total if not k.startswith('node:'))})")
+    return max(1, min(int(total[k] // v) for k, v in need.items()))
+
+
 def build_dataset(cfg: ProfileConfig, items: list[dict]):
     """The Ray Data pipeline over work items (resources taken from the running cluster)."""
     import ray
@@ -319,11 +333,11 @@ def build_dataset(cfg: ProfileConfig, items: list[dict]):
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 1)), float(res.get("GPU", 0))
     use_gpu = cfg.device in ("auto", "cuda") and gpus >= 1
-    n_enc = cfg.encoder_actors or (int(gpus) if use_gpu else 1)
+    n_enc = cfg.encoder_actors or _fits(res, cfg.encode_resources) or (int(gpus) if use_gpu else 1)
     enc_cpus = 0.0 if use_gpu else float(cfg.encoder_cpus)
     # leave room for the read tasks: actor pools that reserve every CPU would starve them
     spare = cpus - n_enc * enc_cpus - 0.5
-    n_crop = cfg.crop_actors or max(1, int(spare // cfg.crop_cpus))
+    n_crop = cfg.crop_actors or _fits(res, cfg.crop_resources) or max(1, int(spare // cfg.crop_cpus))
     read_cpus = min(0.25, max(0.05, spare))
     log.info("pipeline: %d crop actor(s) x %.2f CPU, %d encoder actor(s) x %s, reads %.2f CPU", n_crop,
              cfg.crop_cpus, n_enc, "1 GPU" if use_gpu else f"{enc_cpus} CPU", read_cpus)
@@ -332,8 +346,11 @@ def build_dataset(cfg: ProfileConfig, items: list[dict]):
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
     ds = ds.map(read_item, num_cpus=read_cpus)
     ds = ds.map_batches(CropStage, fn_constructor_args=(options,), batch_size=1, batch_format="numpy",
-                        compute=ActorPoolStrategy(min_size=1, max_size=n_crop), num_cpus=cfg.crop_cpus)
+                        compute=ActorPoolStrategy(min_size=1, max_size=n_crop), num_cpus=cfg.crop_cpus,
+                        **({"resources": dict(cfg.crop_resources)} if cfg.crop_resources else {}))
     enc_res = {"num_gpus": 1} if use_gpu else {"num_cpus": enc_cpus}
+    if cfg.encode_resources:
+        enc_res["resources"] = dict(cfg.encode_resources)
     ds = ds.map_batches(EncodeStage, fn_constructor_kwargs={"weights": cfg.weights, "device": "cuda" if use_gpu
                                                             else "cpu", "threads": cfg.encoder_threads,
                                                             "compile": cfg.compile},

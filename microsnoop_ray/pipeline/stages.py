@@ -138,7 +138,8 @@ def _chunk_skip(item: dict, reason: str) -> dict:
     """A SKIP row that stands for every plane of a chunk of cells (its site cannot complete otherwise)."""
     meta = pd.DataFrame(json.loads(item["cells_meta"]))
     return _skip_row(item, reason, count=len(meta) * int(item["n_channels"]),
-                     site_planes=int(meta["site_planes"].iloc[0]))
+                     site_planes=int(meta["site_planes"].iloc[0]),
+                     object_number=float(meta["Metadata_ObjectNumber"].min()))
 
 
 def _concat(rows: list[dict]) -> dict:
@@ -289,13 +290,36 @@ class SiteCollector:
         self.write_site, self.write_skip, self.channels = write_site, write_skip, channels
         self.pending: dict[str, list[dict]] = {}
         self.received: dict[str, int] = {}
+        self.seen: dict[str, set] = {}
+        self.done: set[str] = set()
         self.sites_done = 0
+        self.duplicates = 0
+
+    @staticmethod
+    def _row_ids(part: dict) -> list[tuple]:
+        obj = np.nan_to_num(np.asarray(part["Metadata_ObjectNumber"], np.float64), nan=-1.0)
+        return list(zip(np.asarray(part["kind"]).tolist(), obj.tolist(), np.asarray(part["channel"]).tolist()))
 
     def add(self, batch: dict) -> None:
+        """Take encoded rows of any sites. A row that arrives twice (a task retried after a worker or
+        node died) is counted once; rows of a site already written are ignored."""
         keys = [site_key(p, w, s) for p, w, s in zip(batch["plate"], batch["well"], batch["site"])]
         order = pd.Series(range(len(keys)), index=keys)
         for key, idx in order.groupby(level=0):
             part = {k: np.asarray(v)[idx.to_numpy()] for k, v in batch.items()}
+            if key in self.done:
+                self.duplicates += len(idx)
+                continue
+            seen = self.seen.setdefault(key, set())
+            ids = self._row_ids(part)
+            fresh = np.array([i not in seen for i in ids]) & ~pd.Series(ids).duplicated().to_numpy()
+            if not fresh.all():
+                self.duplicates += int((~fresh).sum())
+                part = {k: v[fresh] for k, v in part.items()}
+                ids = [i for i, f in zip(ids, fresh) if f]
+                if not ids:
+                    continue
+            seen.update(ids)
             self.pending.setdefault(key, []).append(part)
             self.received[key] = self.received.get(key, 0) + int(part["count"].sum())
             if self.received[key] >= int(part["site_planes"][0]):
@@ -304,6 +328,8 @@ class SiteCollector:
     def _finish(self, key: str) -> None:
         parts = self.pending.pop(key)
         self.received.pop(key)
+        self.seen.pop(key, None)
+        self.done.add(key)
         rows = _concat(parts)
         plate, well, site = key.split("|")
         site = int(site)

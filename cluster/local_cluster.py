@@ -1,0 +1,309 @@
+"""A multi-node Ray cluster on one machine, on loopback, for tests, benchmarks and laptops.
+
+Starts a head node and worker nodes as separate raylets (``ray start --block``), each with its own
+CPUs and custom resources (e.g. a ``cropper`` and an ``encoder`` node), all bound to 127.0.0.1.
+Token authentication stays on: the launcher writes a fresh token into the cluster folder and hands
+``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH`` to every Ray process it starts and to
+:meth:`LocalCluster.env` for clients (``ray job submit``). It stops exactly the processes it
+started (by their process groups and recorded descendants), never ``ray stop``, which would end
+every Ray process on the machine.
+
+Command line::
+
+    python cluster/local_cluster.py up --workers cropper:2:cropper=2 encoder:2:encoder=1 --root /tmp/msr
+    eval "$(python cluster/local_cluster.py env --root /tmp/msr)"   # RAY_ADDRESS, token variables
+    ray job submit -- python jobs/profile_plates.py ...
+    python cluster/local_cluster.py down --root /tmp/msr
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports that were free on 127.0.0.1 a moment ago."""
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+@dataclass
+class Node:
+    name: str
+    num_cpus: float
+    resources: dict
+    proc: subprocess.Popen | None = None
+    pids: set = field(default_factory=set)
+    log: Path | None = None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "num_cpus": self.num_cpus, "resources": self.resources,
+                "pgid": self.proc.pid if self.proc else None, "pids": sorted(self.pids),
+                "log": str(self.log) if self.log else None}
+
+
+class LocalCluster:
+    """Head plus worker raylets on 127.0.0.1.
+
+    Parameters
+    ----------
+    root : folder for the token, logs, Ray's temp dir and ``cluster.json`` (keep the path short:
+        Ray's socket paths must stay under 108 characters)
+    head_cpus : logical CPUs of the head (the job driver and the read tasks run there)
+    object_store_mb : object store of every node
+    dashboard : start the dashboard (needed by ``ray job submit``), bound to 127.0.0.1
+    """
+
+    def __init__(self, root: str | Path, head_cpus: float = 1, object_store_mb: int = 200, dashboard: bool = True,
+                 head_resources: dict | None = None):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.head_cpus, self.object_store = head_cpus, int(object_store_mb) * 2 ** 20
+        self.dashboard, self.head_resources = dashboard, head_resources or {}
+        self.nodes: dict[str, Node] = {}
+        self.gcs_port = self.dashboard_port = None
+        self.token_path = self.root / "auth_token"
+
+    # ------------------------------------------------------------------ environment
+    def _write_token(self) -> None:
+        from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+
+        fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(generate_new_authentication_token())
+
+    @property
+    def address(self) -> str:
+        """The GCS address for ``ray.init(address=...)`` and ``ray start --address``."""
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        """The job server address for ``ray job submit --address``."""
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def env(self, for_jobs: bool = True) -> dict:
+        """Environment for a client process: token variables and ``RAY_ADDRESS`` (the dashboard URL for
+        job commands, the GCS address otherwise)."""
+        env = dict(os.environ)
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_path),
+                   RAY_ADDRESS=self.dashboard_url if for_jobs else self.address, RAY_USAGE_STATS_ENABLED="0")
+        env.pop("RAY_AUTH_TOKEN", None)
+        return env
+
+    # ------------------------------------------------------------------ nodes
+    def _start(self, node: Node, args: list[str]) -> Node:
+        agent, grpc, rtenv, metrics, nm, om, w0 = free_ports(7)
+        cmd = [RAY, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={node.num_cpus}",
+               "--num-gpus=0", f"--resources={json.dumps(node.resources)}",
+               f"--object-store-memory={self.object_store}", f"--dashboard-agent-listen-port={agent}",
+               f"--dashboard-agent-grpc-port={grpc}", f"--runtime-env-agent-port={rtenv}",
+               f"--metrics-export-port={metrics}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
+               f"--min-worker-port={w0 % 20000 + 30000}", f"--max-worker-port={w0 % 20000 + 30099}",
+               "--disable-usage-stats", *args]
+        node.log = self.root / f"{node.name}.log"
+        env = self.env(for_jobs=False)
+        env.pop("RAY_ADDRESS")
+        with open(node.log, "ab") as log:
+            node.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                         cwd=str(self.root))
+        self.nodes[node.name] = node
+        return node
+
+    def start_head(self) -> "LocalCluster":
+        """Start the head node and wait until it accepts clients."""
+        self._write_token()
+        self.gcs_port, self.dashboard_port, client = free_ports(3)
+        args = ["--head", f"--port={self.gcs_port}", f"--ray-client-server-port={client}",
+                f"--temp-dir={self.root / 'tmp'}"]
+        args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"] \
+            if self.dashboard else ["--include-dashboard=false"]
+        self._start(Node("head", self.head_cpus, {"head": 1, **self.head_resources}), args)
+        self.wait_for_nodes(1)
+        self._save()
+        return self
+
+    def add_worker(self, name: str, num_cpus: float, resources: dict | None = None, wait: bool = True) -> Node:
+        """Start a worker raylet with its own CPUs and custom resources."""
+        if name in self.nodes and self.nodes[name].proc and self.nodes[name].proc.poll() is None:
+            raise ValueError(f"node {name!r} is already running")
+        node = self._start(Node(name, num_cpus, dict(resources or {})), [f"--address={self.address}"])
+        if wait:
+            self.wait_for_nodes(self.alive_count())
+        self._save()
+        return node
+
+    def alive_count(self) -> int:
+        return sum(1 for n in self.nodes.values() if n.proc and n.proc.poll() is None)
+
+    def wait_for_nodes(self, n: int, timeout: float = 90) -> None:
+        """Block until ``n`` nodes are alive in the GCS (or raise with the tail of the logs)."""
+        deadline = time.time() + timeout
+        code = ("import ray,sys; ray.init(address=sys.argv[1], log_to_driver=False, logging_level='ERROR'); "
+                "print(sum(1 for n in ray.nodes() if n['Alive']))")
+        while time.time() < deadline:
+            for node in self.nodes.values():
+                if node.proc and node.proc.poll() is not None and node.proc.returncode not in (0, -9, -15):
+                    raise RuntimeError(f"node {node.name} exited with {node.proc.returncode}:\n{self.tail(node.name)}")
+            r = subprocess.run([sys.executable, "-c", code, self.address], env=self.env(False), capture_output=True,
+                               text=True, timeout=60)
+            if r.returncode == 0 and r.stdout.strip().splitlines() and int(r.stdout.strip().splitlines()[-1]) >= n:
+                self._record_pids()
+                return
+            time.sleep(1.0)
+        raise TimeoutError(f"{n} nodes not up after {timeout} s:\n" + "\n".join(self.tail(k) for k in self.nodes))
+
+    def tail(self, name: str, lines: int = 20) -> str:
+        log = self.nodes[name].log
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log and log.exists() else ""
+
+    def _record_pids(self) -> None:
+        import psutil
+
+        for node in self.nodes.values():
+            if node.proc and node.proc.poll() is None:
+                try:
+                    kids = psutil.Process(node.proc.pid).children(recursive=True)
+                except psutil.NoSuchProcess:
+                    continue
+                node.pids |= {node.proc.pid} | {k.pid for k in kids}
+
+    def kill_node(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Kill a node's raylet and everything it started (a machine lost), by default with SIGKILL."""
+        self._record_pids()
+        node = self.nodes[name]
+        self._signal(node, sig)
+        try:
+            node.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._signal(node, signal.SIGKILL)
+            node.proc.wait(timeout=30)
+        self._reap(node)
+        self._save()
+
+    def _signal(self, node: Node, sig: int) -> None:
+        for target in ([("group", node.proc.pid)] if node.proc else []) + [("pid", p) for p in sorted(node.pids)]:
+            try:
+                os.killpg(target[1], sig) if target[0] == "group" else os.kill(target[1], sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _reap(self, node: Node, timeout: float = 20) -> None:
+        """Wait for every recorded process of the node to be gone; SIGKILL stragglers."""
+        import psutil
+
+        deadline = time.time() + timeout
+        for pid in sorted(node.pids):
+            try:
+                p = psutil.Process(pid)
+                p.wait(timeout=max(0.1, deadline - time.time()))
+            except psutil.NoSuchProcess:
+                continue
+            except psutil.TimeoutExpired:
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
+
+    def stop(self) -> None:
+        """Stop every node this launcher started: workers first, then the head (SIGTERM, then SIGKILL)."""
+        self._record_pids()
+        for name in [n for n in self.nodes if n != "head"] + (["head"] if "head" in self.nodes else []):
+            node = self.nodes[name]
+            if node.proc and node.proc.poll() is None:
+                self._signal(node, signal.SIGTERM)
+                try:
+                    node.proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    pass
+            self._signal(node, signal.SIGKILL)
+            self._reap(node)
+        self._save()
+
+    def pids(self) -> set[int]:
+        self._record_pids()
+        return set().union(*(n.pids for n in self.nodes.values())) if self.nodes else set()
+
+    def _save(self) -> None:
+        (self.root / "cluster.json").write_text(json.dumps({
+            "address": self.address, "dashboard": self.dashboard_url, "token_path": str(self.token_path),
+            "nodes": [n.to_dict() for n in self.nodes.values()]}, indent=1))
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _parse_worker(spec: str) -> tuple[str, float, dict]:
+    """``name:cpus[:res=amount,res=amount]`` -> (name, cpus, resources)."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3):
+        raise argparse.ArgumentTypeError(f"worker spec {spec!r}: expected name:cpus[:resource=amount,...]")
+    res = {}
+    if len(parts) == 3 and parts[2]:
+        for kv in parts[2].split(","):
+            k, v = kv.split("=")
+            res[k] = float(v)
+    return parts[0], float(parts[1]), res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", choices=["up", "down", "env"])
+    ap.add_argument("--root", type=Path, default=Path("/tmp/msr-cluster"))
+    ap.add_argument("--head-cpus", type=float, default=1)
+    ap.add_argument("--workers", nargs="*", type=_parse_worker, default=[],
+                    help="name:cpus[:resource=amount,...], e.g. cropper:2:cropper=2 encoder:2:encoder=1")
+    args = ap.parse_args(argv)
+    state = args.root / "cluster.json"
+    if args.action == "env":
+        s = json.loads(state.read_text())
+        print(f"export RAY_ADDRESS={s['dashboard']} RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={s['token_path']}")
+        return 0
+    if args.action == "down":
+        import psutil
+
+        s = json.loads(state.read_text())
+        for n in reversed(s["nodes"]):
+            for pid in ([n["pgid"]] if n["pgid"] else []):
+                try:
+                    os.killpg(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            time.sleep(1)
+            for pid in n["pids"]:
+                try:
+                    psutil.Process(pid).kill()
+                except psutil.NoSuchProcess:
+                    pass
+        print(f"stopped {len(s['nodes'])} node(s) of {args.root}")
+        return 0
+    cluster = LocalCluster(args.root, head_cpus=args.head_cpus).start_head()
+    for name, cpus, res in args.workers:
+        cluster.add_worker(name, cpus, res)
+    print(f"cluster up: {cluster.address} (jobs: {cluster.dashboard_url}), {cluster.alive_count()} node(s); "
+          f"token {cluster.token_path}\nclients: eval \"$({sys.executable} {__file__} env --root {args.root})\"")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
