@@ -84,7 +84,7 @@ def test_load_data_csv_and_platemap_join(tmp_path):
     joined, problems = join_platemap(wells, read_platemap(tmp_path / "map.csv"))
     assert joined.set_index("Metadata_Well").loc["A01", "Metadata_pert_type"] == "negcon"
     reasons = {(p["Metadata_Well"], p["reason"]) for p in problems}
-    assert reasons == {("B02", "well is not in the plate map"), ("C03", "well is in the plate map but has no images")}
+    assert reasons == {("B02", "well is not in the plate map"), ("C03", "well is in the plate map but has no profile (no images, or every site skipped)")}
 
 
 def test_platemap_with_duplicate_wells_is_refused(tmp_path):

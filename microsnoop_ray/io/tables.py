@@ -162,7 +162,7 @@ def join_platemap(wells: pd.DataFrame, platemap: pd.DataFrame | None) -> tuple[p
                            on=keys, how="left")
     for r in absent.loc[absent["_seen"].isna(), ["Metadata_Plate", "Metadata_Well"]].itertuples(index=False):
         problems.append({"Metadata_Plate": r.Metadata_Plate, "Metadata_Well": r.Metadata_Well,
-                         "reason": "well is in the plate map but has no images"})
+                         "reason": "well is in the plate map but has no profile (no images, or every site skipped)"})
     return joined.drop(columns="_merge"), problems
 
 

@@ -134,9 +134,22 @@ class Plate:
             raise InputError(field.where, f"axes {axes} do not match the array's {arr.ndim} dimensions")
         return group, arr, axes
 
-    def read(self, field: FieldRef) -> np.ndarray:
-        """The field as (c, y, x) in its stored dtype (first time point, max projection over z)."""
+    def read(self, field: FieldRef, allow_missing_chunks: bool = False) -> np.ndarray:
+        """The field as (c, y, x) in its stored dtype (first time point, max projection over z).
+
+        Zarr reads a chunk that is not stored as the fill value, silently. A field with *some*
+        chunks missing (an interrupted copy, a lost file) raises InputError instead, unless
+        ``allow_missing_chunks`` (for writers that skip chunks equal to the fill value). A field
+        with no chunk at all reads as constant and is reported as such downstream.
+        """
         _, arr, axes = self._array(field)
+        try:
+            stored, total = arr.nchunks_initialized, arr.nchunks
+        except Exception:  # stores that cannot list their keys
+            stored = total = None
+        if not allow_missing_chunks and stored is not None and 0 < stored < total:
+            raise InputError(field.where, f"{total - stored} of {total} Zarr chunks are missing "
+                                          f"(they would read as the fill value {np.asarray(arr.fill_value).item()})")
         try:
             data = np.asarray(arr[...])
         except Exception as exc:  # missing or corrupt chunk, codec errors

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from ..config import check_options, save_config
+from ..config import check_options, inside, save_config
 from ..errors import InputError
 from ..io.tables import join_platemap, read_cell_array, read_image_table, read_platemap
 from ..io.write import write_parquet
@@ -218,7 +218,8 @@ class Layout:
             if not s or s in (".", "..") or "/" in s or "\\" in s or "\x00" in s:
                 raise InputError(s, "is not a safe name for an output folder (plate, batch or well names must "
                                     "not contain path separators)")
-        return self.root.joinpath(*map(str, parts))
+        # and no symbolic link inside the output tree may lead out of it
+        return inside(self.root, Path(*map(str, parts)), "output path")
 
     def site_dir(self, batch, plate, well, site) -> Path:
         return self._safe("embeddings", self.model_id, batch, plate, f"{well}-{site}")
@@ -482,7 +483,11 @@ def _sphere(cfg: ProfileConfig, wells: pd.DataFrame, layout: Layout, plates: dic
             raise InputError("sphering", f"{exc}") from None
         log.warning("sphering with scope %s failed (%s); falling back to scope %s", sph["scope"], exc,
                     sph["fallback"])
-        out, fits = sphere_profiles(wells, scope=sph["fallback"], **kw)
+        try:
+            out, fits = sphere_profiles(wells, scope=sph["fallback"], **kw)
+        except ValueError as exc2:
+            raise InputError("sphering", f"scope {sph['scope']}: {exc}; fallback scope {sph['fallback']}: {exc2} "
+                                         "(add negcon wells to the plate map, or set sphering.scope: none)") from None
         for f in fits:
             f["fallback_from"] = sph["scope"]
         return out, fits
