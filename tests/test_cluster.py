@@ -156,3 +156,24 @@ def test_lost_node_and_stopped_job_give_the_undisturbed_output(cluster, transflu
     summary = json.loads((tmp_path / "stopped" / "summary.json").read_text())
     assert summary["this_run"]["sites_written"] + len(before) == n_sites
     _assert_same_output(calm, tmp_path / "stopped")
+
+
+def test_cloud_and_kuberay_configs_keep_token_auth_and_match_the_stack():
+    import ray
+
+    from microsnoop_ray.pipeline.plate_job import ProfileConfig
+
+    aws = yaml.safe_load((ROOT / "cluster" / "aws-screen.yaml").read_text())
+    types = aws["available_node_types"]
+    assert types["encoder"]["resources"]["GPU"] == 1 and "cropper" in types["cropper"]["resources"]
+    starts = " ".join(aws["head_start_ray_commands"] + aws["worker_start_ray_commands"])
+    assert starts.count("RAY_AUTH_MODE=token") == 2 and "disabled" not in starts
+    assert "--dashboard-host=127.0.0.1" in starts
+    job = yaml.safe_load((ROOT / "cluster" / "kuberay-profile-job.yaml").read_text())
+    assert job["kind"] == "RayJob" and job["spec"]["rayClusterSpec"]["rayVersion"] == ray.__version__
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]
+    assert {"name": "RAY_AUTH_MODE", "value": "token"} in head["template"]["spec"]["containers"][0]["env"]
+    groups = {g["groupName"]: g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    assert "encoder" in groups["encoder"]["rayStartParams"]["resources"]
+    cfg = ProfileConfig.from_mapping(yaml.safe_load((ROOT / "cluster" / "screen-profile.example.yaml").read_text()))
+    assert cfg.crop_resources == {"cropper": 1} and cfg.encode_resources == {"encoder": 1}

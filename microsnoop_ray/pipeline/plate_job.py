@@ -297,9 +297,16 @@ def run_profile(cfg: ProfileConfig, progress_print=print) -> dict:
 
     if todo:
         collector = SiteCollector(write_site, write_skip, {p: i.channels for p, i in plates.items()})
-        for batch in build_dataset(cfg, todo).iter_batches(batch_size=None, batch_format="numpy"):
+        t_run = time.perf_counter()
+        ds, pools = build_dataset(cfg, todo, with_pools=True)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             collector.add(batch)
         counts["duplicate_rows_ignored"] = collector.duplicates
+        counts["pipeline_seconds"] = round(time.perf_counter() - t_run, 2)
+        counts["encoder_busy_seconds"] = round(collector.encode_seconds, 2)
+        counts["encoder_actors"] = pools["encoder_actors"]
+        counts["encoder_busy_share"] = round(collector.encode_seconds / max(1e-9, pools["encoder_actors"] *
+                                                                           counts["pipeline_seconds"]), 3)
         if collector.incomplete():
             raise RuntimeError(f"{len(collector.incomplete())} site(s) did not receive all their planes: "
                                f"{collector.incomplete()[:5]}")
@@ -324,7 +331,7 @@ def _fits(total: Mapping[str, float], need: Mapping[str, float] | None) -> int |
     return max(1, min(int(total[k] // v) for k, v in need.items()))
 
 
-def build_dataset(cfg: ProfileConfig, items: list[dict]):
+def build_dataset(cfg: ProfileConfig, items: list[dict], with_pools: bool = False):
     """The Ray Data pipeline over work items (resources taken from the running cluster)."""
     import ray
     from ray.data import ActorPoolStrategy
@@ -357,7 +364,7 @@ def build_dataset(cfg: ProfileConfig, items: list[dict]):
                                                             "compile": cfg.compile},
                         batch_size=cfg.batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=n_enc),
                         **enc_res)
-    return ds
+    return (ds, {"crop_actors": n_crop, "encoder_actors": n_enc}) if with_pools else ds
 
 
 # --------------------------------------------------------------------------- post-processing (pure)

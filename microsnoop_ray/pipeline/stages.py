@@ -265,12 +265,17 @@ class EncodeStage:
         self.encoder = Encoder(weights, device=device, compile=compile)
 
     def __call__(self, batch: dict) -> dict:
+        import time
+
+        t0 = time.perf_counter()
         planes = batch.pop("plane")
         feats = np.zeros((len(planes), EMBED_DIM), np.float32)
         real = batch["kind"] == PLANE
         if real.any():
             feats[real] = self.encoder(planes[real])
         batch["features"] = feats
+        # the actor's busy time, spread over the rows (the driver sums it: encoder utilisation)
+        batch["encode_seconds"] = np.full(len(planes), (time.perf_counter() - t0) / max(1, len(planes)))
         return batch
 
 
@@ -294,6 +299,7 @@ class SiteCollector:
         self.done: set[str] = set()
         self.sites_done = 0
         self.duplicates = 0
+        self.encode_seconds = 0.0
 
     @staticmethod
     def _row_ids(part: dict) -> list[tuple]:
@@ -303,6 +309,8 @@ class SiteCollector:
     def add(self, batch: dict) -> None:
         """Take encoded rows of any sites. A row that arrives twice (a task retried after a worker or
         node died) is counted once; rows of a site already written are ignored."""
+        if "encode_seconds" in batch:
+            self.encode_seconds += float(np.sum(batch["encode_seconds"]))
         keys = [site_key(p, w, s) for p, w, s in zip(batch["plate"], batch["well"], batch["site"])]
         order = pd.Series(range(len(keys)), index=keys)
         for key, idx in order.groupby(level=0):
