@@ -44,6 +44,33 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def free_port_range(n: int = 100, taken: set | None = None) -> int:
+    """The first port of ``n`` consecutive ports, below the kernel's ephemeral range (where
+    :func:`free_ports` and Ray's own random ports land), that were all free a moment ago."""
+    import random
+
+    taken = taken if taken is not None else set()
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(11000, 29000 - n, 100)
+        if any(b <= base < b + n or base <= b < base + n for b in taken):
+            continue
+        socks = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        taken.add(base)
+        return base
+    raise RuntimeError(f"no free range of {n} ports between 11000 and 29000")
+
+
 @dataclass
 class Node:
     name: str
@@ -80,6 +107,7 @@ class LocalCluster:
         self.nodes: dict[str, Node] = {}
         self.gcs_port = self.dashboard_port = None
         self.token_path = self.root / "auth_token"
+        self._worker_ranges: set[int] = set()
 
     # ------------------------------------------------------------------ environment
     def _write_token(self) -> None:
@@ -110,13 +138,14 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ nodes
     def _start(self, node: Node, args: list[str]) -> Node:
-        agent, grpc, rtenv, metrics, nm, om, w0 = free_ports(7)
+        agent, grpc, rtenv, metrics, nm, om = free_ports(6)
+        w0 = free_port_range(100, self._worker_ranges)
         cmd = [RAY, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={node.num_cpus}",
                "--num-gpus=0", f"--resources={json.dumps(node.resources)}",
                f"--object-store-memory={self.object_store}", f"--dashboard-agent-listen-port={agent}",
                f"--dashboard-agent-grpc-port={grpc}", f"--runtime-env-agent-port={rtenv}",
                f"--metrics-export-port={metrics}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
-               f"--min-worker-port={w0 % 20000 + 30000}", f"--max-worker-port={w0 % 20000 + 30099}",
+               f"--min-worker-port={w0}", f"--max-worker-port={w0 + 99}",
                "--disable-usage-stats", *args]
         node.log = self.root / f"{node.name}.log"
         env = self.env(for_jobs=False)
@@ -153,7 +182,7 @@ class LocalCluster:
     def alive_count(self) -> int:
         return sum(1 for n in self.nodes.values() if n.proc and n.proc.poll() is None)
 
-    def wait_for_nodes(self, n: int, timeout: float = 90) -> None:
+    def wait_for_nodes(self, n: int, timeout: float = 180) -> None:
         """Block until ``n`` nodes are alive in the GCS (or raise with the tail of the logs)."""
         deadline = time.time() + timeout
         code = ("import ray,sys; ray.init(address=sys.argv[1], log_to_driver=False, logging_level='ERROR'); "
@@ -162,8 +191,11 @@ class LocalCluster:
             for node in self.nodes.values():
                 if node.proc and node.proc.poll() is not None and node.proc.returncode not in (0, -9, -15):
                     raise RuntimeError(f"node {node.name} exited with {node.proc.returncode}:\n{self.tail(node.name)}")
-            r = subprocess.run([sys.executable, "-c", code, self.address], env=self.env(False), capture_output=True,
-                               text=True, timeout=60)
+            try:
+                r = subprocess.run([sys.executable, "-c", code, self.address], env=self.env(False),
+                                   capture_output=True, text=True, timeout=max(5.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                continue
             if r.returncode == 0 and r.stdout.strip().splitlines() and int(r.stdout.strip().splitlines()[-1]) >= n:
                 self._record_pids()
                 return
@@ -284,16 +316,21 @@ def main(argv: list[str] | None = None) -> int:
 
         s = json.loads(state.read_text())
         for n in reversed(s["nodes"]):
-            for pid in ([n["pgid"]] if n["pgid"] else []):
+            for pid in [n["pgid"]] + n["pids"]:
                 try:
-                    os.killpg(pid, signal.SIGTERM)
-                except ProcessLookupError:
+                    p = psutil.Process(pid)
+                    if "ray" in " ".join(p.cmdline()):  # a recorded pid, not one reused since
+                        (os.killpg(pid, signal.SIGTERM) if pid == n["pgid"] else p.terminate())
+                except (psutil.NoSuchProcess, ProcessLookupError, psutil.AccessDenied):
                     pass
-            time.sleep(1)
+        time.sleep(3)
+        for n in s["nodes"]:
             for pid in n["pids"]:
                 try:
-                    psutil.Process(pid).kill()
-                except psutil.NoSuchProcess:
+                    p = psutil.Process(pid)
+                    if "ray" in " ".join(p.cmdline()):
+                        p.kill()
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
                     pass
         print(f"stopped {len(s['nodes'])} node(s) of {args.root}")
         return 0

@@ -30,8 +30,9 @@ WORKER = {"cropper": 2, "encoder": 2}  # room for the whole pool on one node aft
 @pytest.fixture(scope="module")
 def cluster():
     root = Path(tempfile.mkdtemp(prefix="msr-", dir="/tmp"))  # short: Ray's socket paths are limited
-    c = LocalCluster(root, head_cpus=1, object_store_mb=200).start_head()
+    c = LocalCluster(root, head_cpus=1, object_store_mb=200)
     try:
+        c.start_head()
         c.add_worker("node-a", 3, WORKER)
         c.add_worker("node-b", 3, WORKER)
         yield c
@@ -45,7 +46,7 @@ def cluster():
 
 def _config(tmp: Path, name: str, plate, platemap, weights) -> Path:
     cfg = {"inputs": [str(plate)], "out": str(tmp / name), "platemap": str(platemap), "weights": str(weights),
-           "segmenter": "classical", "max_cells_per_site": 5, "batch": "cluster", "progress": False,
+           "segmenter": "classical", "max_cells_per_site": 3, "batch": "cluster", "progress": False,
            "batch_size": 8, "crop_actors": 2, "encoder_actors": 2, "encoder_threads": 1,
            "crop_resources": {"cropper": 1}, "encode_resources": {"encoder": 1}}
     path = tmp / f"{name}.yaml"

@@ -256,3 +256,18 @@ def test_profile_suites_cli_and_report(tmp_path):
     assert "## bbbc021-cp-profiles" in page and "not run yet" in page  # mlcp / chx were not run here
     assert "microsoop" not in page and "microsnoop-ray-cpu112" in page  # the model card of the weights
     assert (out / "report.html").read_text().count("<table>") >= 3
+
+
+def test_nsc_command_accepts_treatment_profiles_and_leaves_controls_out():
+    from microsnoop_ray.evaluate.commands import evaluate_nsc
+
+    t = _treatments([("c1", "X", "W1", 1.0, 0.0), ("c2", "X", "W2", 0.9, 0.1), ("c3", "Y", "W1", 0.0, 1.0),
+                     ("c4", "Y", "W2", 0.1, 0.9)]).rename(columns={"Metadata_NSCB_Batch": "Metadata_Batch"})
+    t["Metadata_Concentration"] = 1.0
+    with_dmso = pd.concat([t, pd.DataFrame({"Metadata_Compound": ["DMSO"], "Metadata_moa": ["DMSO"],
+                                            "Metadata_Batch": ["W1"], "Metadata_Concentration": [0.0],
+                                            "f0": [0.95], "f1": [0.05]})], ignore_index=True)
+    a, _, _ = evaluate_nsc(t)
+    b, _, _ = evaluate_nsc(with_dmso)
+    assert a["nsc"]["correct"] == b["nsc"]["correct"] == 4 and b["control_rows_left_out"] == 1
+    assert a["nscb"]["correct"] == b["nscb"]["correct"] == 4 and a["input"] == "treatment profiles"

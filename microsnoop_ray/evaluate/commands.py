@@ -79,7 +79,8 @@ def evaluate_nsc(df: pd.DataFrame, moa: str = "Metadata_moa", compound: str = "M
     """NSC and NSCB. ``df`` holds either treatment profiles (one row per compound and concentration,
     with ``Metadata_Batch`` or ``Metadata_Plate`` for the batch rule) or well profiles, which are first
     sphered on their negative controls (``sphere`` scope; ``none`` keeps them) and averaged per
-    treatment. Negative controls (``Metadata_pert_type == negcon``) are never treatments."""
+    treatment. Negative controls (``Metadata_pert_type == negcon``, or the compound DMSO) are never
+    treatments."""
     keys = [compound, concentration]
     _columns(df, [moa] + keys, where)
     _features(df, where)
@@ -90,7 +91,10 @@ def evaluate_nsc(df: pd.DataFrame, moa: str = "Metadata_moa", compound: str = "M
             df, _ = sphere_profiles(df, scope=sphere)
         except ValueError as exc:
             raise InputError(where, str(exc)) from None
-    trt = df[df["Metadata_pert_type"] != "negcon"] if "Metadata_pert_type" in df else df
+    control = df[compound].astype(str).str.upper().eq("DMSO")
+    if "Metadata_pert_type" in df:
+        control |= df["Metadata_pert_type"].eq("negcon")
+    trt = df[~control.to_numpy()]
     batches = treatment_batches(trt, keys, batch_rule)
     if trt.duplicated(keys).any():
         treat = treatment_profiles(trt, keys, "mean")
@@ -102,7 +106,7 @@ def evaluate_nsc(df: pd.DataFrame, moa: str = "Metadata_moa", compound: str = "M
     treat = treat.drop(columns=["Metadata_NSCB_Batch"], errors="ignore").merge(batches, on=keys)
     res = nsc_nscb(treat, moa, compound, "Metadata_NSCB_Batch", metric)
     summary = {"metric": "nsc", "input": level, "sphering": sphere, "batch_rule": batch_rule, "distance": metric,
-               "treatments": int(len(treat)), **res}
+               "treatments": int(len(treat)), "control_rows_left_out": int(control.sum()), **res}
     return summary, treat[feature_columns(treat)].to_numpy(np.float64), treat[moa].astype(str).to_numpy()
 
 
