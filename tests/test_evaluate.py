@@ -271,3 +271,13 @@ def test_nsc_command_accepts_treatment_profiles_and_leaves_controls_out():
     b, _, _ = evaluate_nsc(with_dmso)
     assert a["nsc"]["correct"] == b["nsc"]["correct"] == 4 and b["control_rows_left_out"] == 1
     assert a["nscb"]["correct"] == b["nscb"]["correct"] == 4 and a["input"] == "treatment profiles"
+
+
+def test_mlcp_five_classes_merge_interphase_on_the_real_labels():
+    from microsnoop_ray.evaluate.suites import five_class
+
+    m = pd.read_csv(shared("mlcp_cellcycle", "cells.csv"))
+    y = m.loc[m["Metadata_Experiment"] == "Experiment_1", "Metadata_Phase"]
+    assert y.nunique() == 7
+    five = pd.Series(five_class(y.to_numpy())).value_counts()
+    assert len(five) == 5 and five["Interphase"] == 2700  # G1, S and G2: 900 each
