@@ -10,7 +10,8 @@ Every suite runs each method on the *same* inputs and returns one result documen
 ``bbbc021-chx``
     MCF-7 cells of BBBC021 (Caie et al. 2010), up to ``per_well`` cells per well: kNN DMSO vs
     cycloheximide and kNN of the dose (0, 5, 15, 50 uM); cells averaged per site, then copairs
-    mAP of each dose against the DMSO sites of the same plate.
+    mAP of each dose against the DMSO sites of the same plate, and of each dose's wells against the
+    DMSO wells (one per plate, so of every plate).
 ``bbbc021-cp-profiles``
     The profile back end alone, on the CellProfiler per-well means of Ljosa et al. 2013: sphering
     fitted on the DMSO wells (pipeline default regulariser, each scope reported), treatment means,
@@ -155,6 +156,12 @@ def suite_chx(data: Path, out: Path, methods: Sequence[str], weights=None, per_w
         sites = aggregate(cells, keys, "mean")
         a = activity_map(sites, ["Metadata_Compound", "Metadata_Concentration"], null_size=null_size, seed=seed)
         rows.append(_row("dose vs same-plate DMSO (sites)", "mAP", m, a["mean_map"],
+                         fraction_retrieved=a["fraction_retrieved"], groups=a["n_groups"]))
+        # wells: one DMSO well per plate, so the negatives are the DMSO wells of every plate
+        wells = aggregate(sites.drop(columns="Metadata_Site"), [k for k in keys if k != "Metadata_Site"], "mean")
+        a = activity_map(wells, ["Metadata_Compound", "Metadata_Concentration"], same_plate=False,
+                         null_size=null_size, seed=seed)
+        rows.append(_row("dose vs DMSO (wells)", "mAP", m, a["mean_map"],
                          fraction_retrieved=a["fraction_retrieved"], groups=a["n_groups"]))
         figures.append(str(embedding_png(r["features"], dose, out / f"umap_{m}.png", f"BBBC021 CHX dose, {m}",
                                          seed=seed).name))
