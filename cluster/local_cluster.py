@@ -140,7 +140,9 @@ class LocalCluster:
     def _start(self, node: Node, args: list[str]) -> Node:
         agent, grpc, rtenv, metrics, nm, om = free_ports(6)
         w0 = free_port_range(100, self._worker_ranges)
-        cmd = [RAY, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={node.num_cpus}",
+        if float(node.num_cpus) != int(node.num_cpus):
+            raise ValueError(f"node {node.name}: ray start takes whole CPUs, not {node.num_cpus}")
+        cmd = [RAY, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={int(node.num_cpus)}",
                "--num-gpus=0", f"--resources={json.dumps(node.resources)}",
                f"--object-store-memory={self.object_store}", f"--dashboard-agent-listen-port={agent}",
                f"--dashboard-agent-grpc-port={grpc}", f"--runtime-env-agent-port={rtenv}",

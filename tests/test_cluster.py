@@ -178,3 +178,14 @@ def test_cloud_and_kuberay_configs_keep_token_auth_and_match_the_stack():
     assert "encoder" in groups["encoder"]["rayStartParams"]["resources"]
     cfg = ProfileConfig.from_mapping(yaml.safe_load((ROOT / "cluster" / "screen-profile.example.yaml").read_text()))
     assert cfg.crop_resources == {"cropper": 1} and cfg.encode_resources == {"encoder": 1}
+
+
+def test_worker_specs_and_whole_cpus():
+    from local_cluster import Node, _parse_worker
+
+    assert _parse_worker("encoder:2:encoder=1,gpu_slot=0.5") == ("encoder", 2.0, {"encoder": 1.0, "gpu_slot": 0.5})
+    assert _parse_worker("plain:3") == ("plain", 3.0, {})
+    c = LocalCluster(Path(tempfile.mkdtemp(prefix="msr-", dir="/tmp")))
+    with pytest.raises(ValueError, match="whole CPUs"):
+        c._start(Node("half", 1.5, {}), [])
+    shutil.rmtree(c.root)

@@ -291,7 +291,7 @@ def run_suite(name: str, data: str | Path, out: str | Path, methods: Sequence[st
     folder.mkdir(parents=True, exist_ok=True)
     started = _dt.datetime.now(_dt.timezone.utc)
     doc = {"suite": name, "started": started.isoformat(timespec="seconds"), "machine": machine(),
-           "options": {k: v for k, v in options.items()}, "methods_asked": list(methods)}
+           "options": dict(options), "methods_asked": list(methods)}
     if "microsnoop" in methods:
         from ..model import load_model
 
