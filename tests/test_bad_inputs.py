@@ -28,8 +28,8 @@ def bad_run(ray_session, untrained_weights, tmp_path_factory):
     flat[:, 5, 7] = 101  # not constant, but no cell: one-pixel "objects" only
     fields = {("A01", 1): two, ("A02", 1): two.copy(), ("A03", 1): two.copy(), ("A04", 1): flat,
               ("A05", 1): two[:, :300, :256].copy()}  # a field of another size in the same plate
-    plate = write_plate(tmp / "Mixed.zarr", fields, ["GFP", "GFP_flipped"], version="0.4")
-    (plate / "A" / "2" / "0" / "0" / "1.0.0").unlink()  # one of the two channel chunks is lost
+    plate = write_plate(tmp / "Mixed.zarr", fields, ["GFP", "GFP_flipped"], version="0.4", chunk=256)
+    (plate / "A" / "2" / "0" / "0" / "1.0.1").unlink()  # one chunk of the second channel's plane is lost
     import zarr
     zarr.open_group(str(plate / "A" / "3" / "0"), mode="r+", zarr_format=2).create_array(
         "0", data=real[None], chunks=(1,) + real.shape, overwrite=True)  # this field lost a channel
@@ -54,7 +54,7 @@ def test_every_field_is_profiled_or_listed_with_its_reason(bad_run):
     mixed = skipped[skipped["Metadata_Plate"] == "Mixed"]
     sites = mixed[mixed["kind"] == "site not profiled"].set_index("Metadata_Well")["reason"]
     assert sorted(sites.index) == ["A02", "A03", "A04"]
-    assert "1 of 2 Zarr chunks are missing" in sites["A02"] and "well A02, site 1" in sites["A02"]
+    assert "1 Zarr chunk(s) missing in 1 image plane(s)" in sites["A02"] and "well A02, site 1" in sites["A02"]
     assert "1 channels, but the plate has 2" in sites["A03"]
     assert "no cells to profile" in sites["A04"]
     dup = skipped[skipped["kind"] == "duplicate field"]
@@ -93,15 +93,19 @@ def test_unusable_weights_stop_the_job_naming_the_file(bad_run, kind, capsys):
     assert str(bad) in err and err.count("\n") == 1
 
 
-def test_missing_chunk_is_refused_unless_allowed(tmp_path):
-    p = write_plate(tmp_path / "P.zarr", {("B02", 1): np.ones((2, 32, 32), np.uint16)}, ["a", "b"], version="0.5")
-    chunks = sorted(c for c in (p / "B" / "2" / "0" / "0" / "c").rglob("*") if c.is_file())
-    chunks[0].unlink()
+def test_missing_chunk_is_refused_unless_allowed_and_an_empty_channel_is_not_missing(tmp_path):
+    img = np.ones((2, 32, 32), np.uint16)
+    img[1] = 0  # an empty channel: zarr stores none of its chunks
+    p = write_plate(tmp_path / "P.zarr", {("B02", 1): img}, ["a", "b"], version="0.5", chunk=16)
     plate = open_plate(p)
     ref = next(plate.fields())
-    with pytest.raises(InputError, match="well B02, site 1: 1 of 2 Zarr chunks are missing"):
+    np.testing.assert_array_equal(plate.read(ref), img)
+    chunks = sorted(c for c in (p / "B" / "2" / "0" / "0" / "c").rglob("*") if c.is_file())
+    assert len(chunks) == 4  # 2 x 2 chunks of the first channel only
+    chunks[1].unlink()
+    with pytest.raises(InputError, match="well B02, site 1: 1 Zarr chunk.s. missing in 1 image plane"):
         plate.read(ref)
-    assert plate.read(ref, allow_missing_chunks=True)[0].max() == 0
+    assert plate.read(ref, allow_missing_chunks=True)[0].sum() == 32 * 32 - 16 * 16
 
 
 @pytest.mark.parametrize("name", ["..", "a/b", "", "x\x00"])

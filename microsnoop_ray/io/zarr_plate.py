@@ -137,19 +137,18 @@ class Plate:
     def read(self, field: FieldRef, allow_missing_chunks: bool = False) -> np.ndarray:
         """The field as (c, y, x) in its stored dtype (first time point, max projection over z).
 
-        Zarr reads a chunk that is not stored as the fill value, silently. A field with *some*
-        chunks missing (an interrupted copy, a lost file) raises InputError instead, unless
-        ``allow_missing_chunks`` (for writers that skip chunks equal to the fill value). A field
-        with no chunk at all reads as constant and is reported as such downstream.
+        Zarr reads a chunk that is not stored as the fill value, silently, and writers skip chunks
+        that equal the fill value (an empty channel). A (y, x) plane with *some* of its chunks
+        stored and others missing is a lost file or an interrupted copy: that raises InputError,
+        unless ``allow_missing_chunks``. A plane with no chunk at all is an empty channel.
         """
         _, arr, axes = self._array(field)
-        try:
-            stored, total = arr.nchunks_initialized, arr.nchunks
-        except Exception:  # stores that cannot list their keys
-            stored = total = None
-        if not allow_missing_chunks and stored is not None and 0 < stored < total:
-            raise InputError(field.where, f"{total - stored} of {total} Zarr chunks are missing "
-                                          f"(they would read as the fill value {np.asarray(arr.fill_value).item()})")
+        partial = None if allow_missing_chunks else _planes_with_missing_chunks(arr, axes)
+        if partial:
+            n_missing, planes = partial
+            raise InputError(field.where, f"{n_missing} Zarr chunk(s) missing in {planes} image plane(s) whose other "
+                                          f"chunks are stored (they would read as the fill value "
+                                          f"{np.asarray(arr.fill_value).item()})")
         try:
             data = np.asarray(arr[...])
         except Exception as exc:  # missing or corrupt chunk, codec errors
@@ -175,6 +174,32 @@ class Plate:
         level = _ome_attrs(group)["multiscales"][0]["datasets"][0]["path"]
         data = np.asarray(group[level][...])
         return data.reshape(data.shape[-2:]).astype(np.int32)
+
+
+def _planes_with_missing_chunks(arr, axes: Sequence[str]) -> tuple[int, int] | None:
+    """(missing chunks, planes affected) over the (y, x) planes that are partly stored, or None when
+    every plane is whole or empty (or the store's keys cannot be read)."""
+    try:
+        from zarr.core.array import _shards_initialized
+        from zarr.core.sync import sync
+
+        keys = sync(_shards_initialized(arr._async_array))
+        grid = [int(np.ceil(n / c)) for n, c in zip(arr.shape, arr.shards or arr.chunks)]
+        yx = [axes.index("y"), axes.index("x")]
+        per_plane: dict[tuple, int] = {}
+        for k in keys:
+            # "0.1.0" (Zarr v2) or "c/0/1/0" (Zarr v3 default encoding), relative to the array
+            k = k[2:] if k[:2] in ("c/", "c.") else k
+            idx = [int(p) for p in k.replace("/", ".").split(".")]
+            if len(idx) != len(grid):
+                return None
+            plane = tuple(v for i, v in enumerate(idx) if i not in yx)
+            per_plane[plane] = per_plane.get(plane, 0) + 1
+        full = grid[yx[0]] * grid[yx[1]]
+        partial = {p: n for p, n in per_plane.items() if n < full}
+        return (sum(full - n for n in partial.values()), len(partial)) if partial else None
+    except Exception:
+        return None
 
 
 def open_plate(path: str | Path, name: str | None = None) -> Plate:
