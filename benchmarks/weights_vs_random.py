@@ -27,12 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def sample(meta: pd.DataFrame, by: list[str], n: int, seed: int = 0) -> np.ndarray:
-    rank = meta.assign(_draw=np.random.default_rng(seed).random(len(meta))).groupby(by)["_draw"].rank(
-        method="first")
-    return np.sort(meta.index.to_numpy()[rank.to_numpy() <= n])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--weights", default=None, help="default: the shipped weights")
@@ -43,6 +37,7 @@ def main() -> None:
     from microsnoop_ray.encode import Encoder, embed
     from microsnoop_ray.evaluate import knn_accuracy
     from microsnoop_ray.io.registry import fetch_package_files
+    from microsnoop_ray.io.tables import sample_per_group
     from microsnoop_ray.model import MicrosnoopUNet, load_model
     from microsnoop_ray.train.reconstruct import center_target, reconstruct
 
@@ -57,11 +52,11 @@ def main() -> None:
     sets = {}
     m = pd.read_csv(DATA / "mlcp_cellcycle" / "cells.csv")
     m = m[m["Metadata_Experiment"] == "Experiment_1"]
-    idx = sample(m, ["Metadata_Phase"], args.per_class)
+    idx = m.index.to_numpy()[sample_per_group(m, ["Metadata_Phase"], args.per_class)]
     sets["mlcp_cellcycle_7class"] = (np.load(DATA / "mlcp_cellcycle" / "cells.npz")["images"][idx],
                                      m.loc[idx, "Metadata_Phase"].to_numpy())
     b = pd.read_csv(DATA / "bbbc021_chx" / "cells.csv")
-    idx = sample(b, ["Metadata_Plate", "Metadata_Well"], args.per_well)
+    idx = b.index.to_numpy()[sample_per_group(b, ["Metadata_Plate", "Metadata_Well"], args.per_well)]
     sets["bbbc021_chx_dmso_vs_drug"] = (np.load(DATA / "bbbc021_chx" / "cells.npz")["images"][idx],
                                         b.loc[idx, "Metadata_Compound"].to_numpy())
     for name, (images, labels) in sets.items():

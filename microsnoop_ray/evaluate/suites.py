@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from ..io.tables import sample_per_group
 from ..profiles.aggregate import aggregate, feature_columns, treatment_profiles
 from ..profiles.sphering import sphere_profiles
 from .baselines import METHODS, extract
@@ -69,13 +70,6 @@ def _need(*paths: Path) -> None:
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise MissingData(f"missing {', '.join(missing)}")
-
-
-def sample_per_group(meta: pd.DataFrame, by: Sequence[str], n: int, seed: int = 0) -> np.ndarray:
-    """Sorted positional indices of at most ``n`` random rows of every group (reproducible with ``seed``)."""
-    draw = np.random.default_rng(seed).random(len(meta))
-    rank = pd.Series(draw, index=meta.index).groupby([meta[c] for c in by]).rank(method="first")
-    return np.flatnonzero(rank.to_numpy() <= n)
 
 
 def _row(task: str, metric: str, method: str, value, **extra) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,14 @@ def read_table(path: str | Path) -> pd.DataFrame:
         return pd.read_csv(path, sep=sep)
     except Exception as exc:
         raise InputError(path, f"cannot read table ({type(exc).__name__}: {exc})") from None
+
+
+def sample_per_group(meta: pd.DataFrame, by: Sequence[str], n: int, seed: int = 0) -> np.ndarray:
+    """Sorted positional indices of at most ``n`` random rows of every group of ``meta`` by the
+    columns ``by`` (reproducible with ``seed``; the same rows whatever the number of groups)."""
+    draw = np.random.default_rng(seed).random(len(meta))
+    rank = pd.Series(draw, index=meta.index).groupby([meta[c] for c in by]).rank(method="first")
+    return np.flatnonzero(rank.to_numpy() <= n)
 
 
 def normalize_well(value, where: str = "") -> str:

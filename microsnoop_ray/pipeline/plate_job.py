@@ -29,7 +29,7 @@ import pandas as pd
 
 from ..config import check_options, inside, save_config
 from ..errors import InputError
-from ..io.tables import join_platemap, read_cell_array, read_image_table, read_platemap
+from ..io.tables import join_platemap, read_cell_array, read_image_table, read_platemap, sample_per_group
 from ..io.write import write_parquet
 from ..io.zarr_plate import open_plate, split_well
 from ..profiles.aggregate import SITE_KEYS, WELL_KEYS, aggregate, feature_columns, treatment_profiles
@@ -159,10 +159,8 @@ def list_work(cfg: ProfileConfig) -> tuple[list[dict], dict[str, PlateInfo], lis
                 raise InputError(path, f"{len(channels)} channel names for {arr.shape[1]} channels")
             meta = meta.assign(_row=np.arange(len(meta)))
             if cfg.max_cells_per_site:
-                draw = np.random.default_rng(cfg.seed).random(len(meta))
-                rank = meta.assign(_draw=draw).groupby(["Metadata_Plate", "Metadata_Well", "Metadata_Site"])[
-                    "_draw"].rank(method="first")
-                meta = meta[rank.to_numpy() <= cfg.max_cells_per_site]
+                meta = meta.iloc[sample_per_group(meta, ["Metadata_Plate", "Metadata_Well", "Metadata_Site"],
+                                                  cfg.max_cells_per_site, cfg.seed)]
             sizes = meta.groupby(["Metadata_Plate", "Metadata_Well", "Metadata_Site"]).size()
             meta["site_planes"] = [sizes[k] * len(channels) for k in
                                    zip(meta["Metadata_Plate"], meta["Metadata_Well"], meta["Metadata_Site"])]
@@ -298,7 +296,7 @@ def run_profile(cfg: ProfileConfig, progress_print=print) -> dict:
     if todo:
         collector = SiteCollector(write_site, write_skip, {p: i.channels for p, i in plates.items()})
         t_run = time.perf_counter()
-        ds, pools = build_dataset(cfg, todo, with_pools=True)
+        ds, pools = build_dataset(cfg, todo)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             collector.add(batch)
         counts["duplicate_rows_ignored"] = collector.duplicates
@@ -331,8 +329,9 @@ def _fits(total: Mapping[str, float], need: Mapping[str, float] | None) -> int |
     return max(1, min(int(total[k] // v) for k, v in need.items()))
 
 
-def build_dataset(cfg: ProfileConfig, items: list[dict], with_pools: bool = False):
-    """The Ray Data pipeline over work items (resources taken from the running cluster)."""
+def build_dataset(cfg: ProfileConfig, items: list[dict]):
+    """The Ray Data pipeline over work items (resources taken from the running cluster), and the
+    actor pool sizes it chose: ``(dataset, {"crop_actors": n, "encoder_actors": n})``."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -364,7 +363,7 @@ def build_dataset(cfg: ProfileConfig, items: list[dict], with_pools: bool = Fals
                                                             "compile": cfg.compile},
                         batch_size=cfg.batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=n_enc),
                         **enc_res)
-    return (ds, {"crop_actors": n_crop, "encoder_actors": n_enc}) if with_pools else ds
+    return ds, {"crop_actors": n_crop, "encoder_actors": n_enc}
 
 
 # --------------------------------------------------------------------------- post-processing (pure)

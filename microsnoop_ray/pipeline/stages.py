@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -265,8 +266,6 @@ class EncodeStage:
         self.encoder = Encoder(weights, device=device, compile=compile)
 
     def __call__(self, batch: dict) -> dict:
-        import time
-
         t0 = time.perf_counter()
         planes = batch.pop("plane")
         feats = np.zeros((len(planes), EMBED_DIM), np.float32)
