@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from .suites import SUITES, table_markdown
+from .suites import SUITES, status_line, table_markdown, table_rows
 
 
 def collect_results(results: str | Path) -> dict[str, dict]:
@@ -19,13 +19,12 @@ def collect_results(results: str | Path) -> dict[str, dict]:
     return out
 
 
-def _md_table_to_html(md: str) -> str:
-    lines = [ln for ln in md.strip().splitlines() if ln.startswith("|")]
-    if len(lines) < 2:
-        return f"<p>{html.escape(md)}</p>"
-    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cells[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells[2:])
+def _html_table(doc: dict) -> str:
+    if doc.get("status") != "ok":
+        return f"<p>{html.escape(status_line(doc))}</p>"
+    header, rows = table_rows(doc)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -65,7 +64,7 @@ def write_report(results: str | Path, out: str | Path | None = None) -> tuple[Pa
         info = f"run {doc.get('started')}, {doc.get('seconds')} s; data: {json.dumps(doc.get('data', {}))}"
         table = table_markdown(doc)
         md += [info, "", table, ""]
-        h += [f"<p>{html.escape(info)}</p>", _md_table_to_html(table)]
+        h += [f"<p>{html.escape(info)}</p>", _html_table(doc)]
         for fig in doc.get("figures", []):
             rel = os.path.relpath(results / name / fig, out)
             md += [f"![{fig}]({rel})"]

@@ -328,23 +328,35 @@ def _fmt(r: dict) -> str:
     return s
 
 
-def table_markdown(doc: dict) -> str:
-    """One Markdown table of a suite result: a row per method, a column per task and metric, and
-    the time per cell."""
-    if doc.get("status") != "ok":
-        return f"**{doc['suite']}**: {doc.get('status')} ({doc.get('reason', '')})\n"
+def table_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
+    """The cells of a suite's table: a header and one row per method (a column per task and metric,
+    and the time per cell). Rendered by :func:`table_markdown` and the HTML report."""
     cols: list[tuple[str, str]] = []
     for r in doc["metrics"]:
         if (r["task"], r["metric"]) not in cols:
             cols.append((r["task"], r["metric"]))
     cell = {(r["method"], r["task"], r["metric"]): _fmt(r) for r in doc["metrics"]}
-    head = "| method | " + " | ".join(f"{t}: {m}" for t, m in cols) + " | s per cell |"
-    lines = [head, "|" + "---|" * (len(cols) + 2)]
+    header = ["method"] + [f"{t}: {m}" for t, m in cols] + ["s per cell"]
+    rows = []
     for name, info in doc["methods"].items():
         if info.get("not_applicable"):
-            lines.append(f"| {name} | " + " | ".join("n/a" for _ in cols) + f" | {info['not_applicable']} |")
+            rows.append([name] + ["n/a"] * len(cols) + [info["not_applicable"]])
             continue
         spc = info.get("seconds_per_cell")
-        lines.append(f"| {name} | " + " | ".join(cell.get((name, t, m), "-") for t, m in cols)
-                     + f" | {'-' if spc is None else f'{spc:.4f}'} |")
+        rows.append([name] + [cell.get((name, t, m), "-") for t, m in cols] + ["-" if spc is None else f"{spc:.4f}"])
+    return header, rows
+
+
+def status_line(doc: dict) -> str:
+    """What a suite that did not run says instead of a table."""
+    return f"**{doc['suite']}**: {doc.get('status')} ({doc.get('reason', '')})"
+
+
+def table_markdown(doc: dict) -> str:
+    """One Markdown table of a suite result (:func:`table_rows`), or its status line."""
+    if doc.get("status") != "ok":
+        return status_line(doc) + "\n"
+    header, rows = table_rows(doc)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
