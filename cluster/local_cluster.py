@@ -76,14 +76,31 @@ class Node:
     name: str
     num_cpus: float
     resources: dict
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen | None = None  # only where this process started the node
+    pgid: int | None = None  # the node's process group: its `ray start --block` process
     pids: set = field(default_factory=set)
     log: Path | None = None
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "num_cpus": self.num_cpus, "resources": self.resources,
-                "pgid": self.proc.pid if self.proc else None, "pids": sorted(self.pids),
-                "log": str(self.log) if self.log else None}
+        return {"name": self.name, "num_cpus": self.num_cpus, "resources": self.resources, "pgid": self.pgid,
+                "pids": sorted(self.pids), "log": str(self.log) if self.log else None}
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _is_ray_process(pid: int) -> bool:
+    """Still one of Ray's processes (not a pid the system has reused since it was recorded)."""
+    import psutil
+
+    try:
+        return "ray" in " ".join(psutil.Process(pid).cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):  # gone, a zombie, or not ours
+        return False
 
 
 class LocalCluster:
@@ -155,6 +172,7 @@ class LocalCluster:
         with open(node.log, "ab") as log:
             node.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                          cwd=str(self.root))
+        node.pgid = node.proc.pid
         self.nodes[node.name] = node
         return node
 
@@ -212,32 +230,34 @@ class LocalCluster:
         import psutil
 
         for node in self.nodes.values():
-            if node.proc and node.proc.poll() is None:
+            if node.pgid and _is_ray_process(node.pgid):
                 try:
-                    kids = psutil.Process(node.proc.pid).children(recursive=True)
+                    kids = psutil.Process(node.pgid).children(recursive=True)
                 except psutil.NoSuchProcess:
                     continue
-                node.pids |= {node.proc.pid} | {k.pid for k in kids}
+                node.pids |= {node.pgid} | {k.pid for k in kids}
 
     def kill_node(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Kill a node's raylet and everything it started (a machine lost), by default with SIGKILL."""
         self._record_pids()
         node = self.nodes[name]
         self._signal(node, sig)
-        try:
-            node.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self._signal(node, signal.SIGKILL)
-            node.proc.wait(timeout=30)
-        self._reap(node)
+        self._reap(node, timeout=30)
         self._save()
 
     def _signal(self, node: Node, sig: int) -> None:
-        for target in ([("group", node.proc.pid)] if node.proc else []) + [("pid", p) for p in sorted(node.pids)]:
+        """Signal the node's process group and every recorded pid that is still a Ray process."""
+        if node.pgid and any(_is_ray_process(p) and _pgid(p) == node.pgid for p in {node.pgid} | node.pids):
             try:
-                os.killpg(target[1], sig) if target[0] == "group" else os.kill(target[1], sig)
+                os.killpg(node.pgid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
+        for pid in sorted(node.pids):
+            if _is_ray_process(pid):
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
 
     def _reap(self, node: Node, timeout: float = 20) -> None:
         """Wait for every recorded process of the node to be gone; SIGKILL stragglers."""
@@ -255,21 +275,31 @@ class LocalCluster:
                     p.kill()
                 except psutil.NoSuchProcess:
                     pass
+        if node.proc is not None:
+            node.proc.wait(timeout=30)  # our child: collect its exit status
 
     def stop(self) -> None:
-        """Stop every node this launcher started: workers first, then the head (SIGTERM, then SIGKILL)."""
+        """Stop every node of this cluster: workers first, then the head (SIGTERM, then SIGKILL)."""
         self._record_pids()
         for name in [n for n in self.nodes if n != "head"] + (["head"] if "head" in self.nodes else []):
             node = self.nodes[name]
-            if node.proc and node.proc.poll() is None:
-                self._signal(node, signal.SIGTERM)
-                try:
-                    node.proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    pass
-            self._signal(node, signal.SIGKILL)
+            self._signal(node, signal.SIGTERM)
             self._reap(node)
+            self._signal(node, signal.SIGKILL)  # anything the group started after the pids were recorded
         self._save()
+
+    @classmethod
+    def attach(cls, root: str | Path) -> "LocalCluster":
+        """The cluster recorded in ``<root>/cluster.json`` by an earlier process (for ``down``)."""
+        state = json.loads((Path(root) / "cluster.json").read_text())
+        cluster = cls.__new__(cls)
+        cluster.root = Path(root).resolve()
+        cluster.token_path = Path(state["token_path"])
+        cluster.gcs_port = int(state["address"].rsplit(":", 1)[1])
+        cluster.dashboard_port = int(state["dashboard"].rsplit(":", 1)[1])
+        cluster.nodes = {n["name"]: Node(n["name"], n["num_cpus"], n["resources"], pgid=n["pgid"], pids=set(n["pids"]),
+                                         log=Path(n["log"]) if n["log"] else None) for n in state["nodes"]}
+        return cluster
 
     def pids(self) -> set[int]:
         self._record_pids()
@@ -314,27 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"export RAY_ADDRESS={s['dashboard']} RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={s['token_path']}")
         return 0
     if args.action == "down":
-        import psutil
-
-        s = json.loads(state.read_text())
-        for n in reversed(s["nodes"]):
-            for pid in [n["pgid"]] + n["pids"]:
-                try:
-                    p = psutil.Process(pid)
-                    if "ray" in " ".join(p.cmdline()):  # a recorded pid, not one reused since
-                        (os.killpg(pid, signal.SIGTERM) if pid == n["pgid"] else p.terminate())
-                except (psutil.NoSuchProcess, ProcessLookupError, psutil.AccessDenied):
-                    pass
-        time.sleep(3)
-        for n in s["nodes"]:
-            for pid in n["pids"]:
-                try:
-                    p = psutil.Process(pid)
-                    if "ray" in " ".join(p.cmdline()):
-                        p.kill()
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
-        print(f"stopped {len(s['nodes'])} node(s) of {args.root}")
+        cluster = LocalCluster.attach(args.root)
+        cluster.stop()
+        print(f"stopped {len(cluster.nodes)} node(s) of {args.root}")
         return 0
     cluster = LocalCluster(args.root, head_cpus=args.head_cpus).start_head()
     for name, cpus, res in args.workers:
