@@ -157,8 +157,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train.loop import TrainConfig, train_local, train_with_ray
 
     options = load_config(args.config)
-    for key in ("name", "storage_path", "init", "output", "nepoch", "stop_epoch", "epoch_size", "input_size",
-                "batch_size", "threads"):
+    for key in ("name", "storage_path", "init", "output", "nepoch", "warmup", "stop_epoch", "epoch_size", "input_size",
+                "batch_size", "threads", "loader_workers"):
         value = getattr(args, key)
         if value is not None:
             options[key] = str(value) if isinstance(value, Path) else value
@@ -440,7 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epoch-size", dest="epoch_size", type=int, default=None)
     t.add_argument("--input-size", dest="input_size", type=int, default=None)
     t.add_argument("--batch-size", dest="batch_size", type=int, default=None)
+    t.add_argument("--warmup", type=int, default=None, help="warm-up epochs (METHOD: 40 of 1,000)")
     t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--loader-workers", dest="loader_workers", type=int, default=None,
+                   help="processes that augment batches (0: in the training process)")
     t.add_argument("--workers", type=int, default=None, help="Ray Train workers (with --ray)")
     t.add_argument("--gpu", action="store_true", help="train on GPU(s)")
     t.add_argument("--ray", action=argparse.BooleanOptionalAction, default=False,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import shared
-from microsnoop_ray.train.data import TypeAlternatingSampler, build_pool, to_planes
+from microsnoop_ray.train.data import TypeAlternatingSampler, batch_stream, build_pool, to_planes
 from microsnoop_ray.train.loop import TrainConfig, latest_checkpoint, train_local, train_with_ray
 from microsnoop_ray.train.masking import learning_rate, mask_patches
 
@@ -53,6 +53,38 @@ def test_pool_splits_channels_and_batches_alternate_types():
     assert all(a != b for a, b in zip(kinds, kinds[1:]))
     batch, _ = sampler.next_batch()
     assert batch.shape == (4, 1, 64, 64) and batch.dtype == np.float32
+
+
+def test_loader_processes_give_one_type_per_batch_reproducibly():
+    import itertools
+    pool = build_pool([{"kind": "folder", "path": HUMAN, "type": "human"},
+                       {"kind": "folder", "path": FLY, "type": "fly"}])
+
+    def draw(workers, seed=3):
+        return list(itertools.islice(batch_stream(pool, 4, 64, seed=seed, workers=workers), 6))
+
+    two = draw(2)
+    assert all(b.shape == (4, 1, 64, 64) and b.dtype == torch.float32 for b, _ in two)
+    assert {k for _, k in two} == {"human", "fly"}
+    # each loader process alternates types; the stream takes their batches in turn
+    assert all(a != b for (_, a), (_, b) in zip(two[::2], two[2::2]))
+    again = draw(2)
+    assert all(torch.equal(a, b) and ka == kb for (a, ka), (b, kb) in zip(two, again))
+    assert not torch.equal(two[0][0], draw(2, seed=4)[0][0])
+    inproc = draw(0)  # the in-process stream is the plain sampler
+    sampler = TypeAlternatingSampler(pool, 4, 64, seed=3)
+    assert all(torch.equal(b, torch.from_numpy(sampler.next_batch()[0])) for b, _ in inproc)
+
+
+def test_a_source_that_gives_no_image_is_an_error_naming_it(tmp_path):
+    from microsnoop_ray.errors import InputError
+    bad = tmp_path / "lab-screen"
+    bad.mkdir()
+    (bad / "field01.tif").write_bytes(b"not a tiff at all")
+    with pytest.raises(InputError, match=r"lab-screen.*gave no image \(1 skipped\).*field01\.tif"):
+        build_pool([{"kind": "folder", "path": HUMAN}, {"kind": "folder", "path": str(bad)}])
+    pool = build_pool([{"kind": "folder", "path": HUMAN}])  # a readable source alone is fine
+    assert len(pool) == 3 and pool.skipped == []
 
 
 def _cfg(tmp_path, **kw):

@@ -10,11 +10,12 @@ import dataclasses
 import fnmatch
 import logging
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import cv2
 import numpy as np
 
+from ..errors import InputError
 from ..preprocess import normalize_percentile
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class Pool:
     planes: list
     types: list
     sources: list
+    skipped: list = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.planes)
@@ -59,6 +61,7 @@ class Pool:
         self.planes += other.planes
         self.types += other.types
         self.sources += other.sources
+        self.skipped += other.skipped
 
 
 def to_planes(image: np.ndarray, rgb: str = "grey") -> list[np.ndarray]:
@@ -120,7 +123,7 @@ def pool_from_folder(folder: str | Path, image_type: str | None = None, type_fro
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"pretraining source {folder} is not a folder")
-    planes, types, sources = [], [], []
+    planes, types, sources, skipped = [], [], [], []
     for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
         rel = path.relative_to(folder)
         if exclude and fnmatch.fnmatch(path.name, exclude):
@@ -130,15 +133,17 @@ def pool_from_folder(folder: str | Path, image_type: str | None = None, type_fro
             image = read_picture(path)
         except Exception as exc:  # unreadable files are reported, never fatal for the pool
             log.warning("pretraining pool: skipping %s (%s)", path, exc)
+            skipped.append((str(path), str(exc)))
             continue
         for c, plane in enumerate(to_planes(image, rgb)):
             if min(plane.shape) < min_side:
                 log.warning("pretraining pool: skipping %s channel %d (%dx%d is too small)", path, c, *plane.shape)
+                skipped.append((f"{path}[{c}]", f"{plane.shape[0]}x{plane.shape[1]} is below {min_side} px"))
                 continue
             planes.append(plane)
             types.append(kind)
             sources.append(f"{rel}[{c}]")
-    return Pool(planes, types, sources)
+    return Pool(planes, types, sources, skipped)
 
 
 def pool_from_cell_array(path: str | Path, image_type: str | None = None, key: str = "images") -> Pool:
@@ -219,6 +224,10 @@ def build_pool(sources: Sequence[Mapping]) -> Pool:
             part = pool_from_plate(src["path"], src.get("type"))
         else:
             raise ValueError(f"unknown pretraining source kind {kind!r} (folder, cells or plate)")
+        if not len(part):
+            why = "; ".join(f"{p}: {r}" for p, r in part.skipped[:3]) or "no image files"
+            raise InputError(path if kind in ("folder", "registry") else src["path"],
+                             f"pretraining source gave no image ({len(part.skipped)} skipped): {why}")
         if src.get("derive_cells"):
             part.extend(cells_from_pool(part, diameter=float(src.get("diameter", 30.0))))
         pool.extend(part)
@@ -292,3 +301,49 @@ class TypeAlternatingSampler:
         """Enough batches for ``n_images`` sampled images (one epoch)."""
         for _ in range(max(1, n_images // self.batch_size)):
             yield self.next_batch()
+
+
+def batch_stream(pool: Pool, batch_size: int, size: int, seed: int = 0, scale_range=(0.5, 1.5),
+                 workers: int = 0, pin_memory: bool = False) -> Iterator:
+    """An endless stream of ``(targets, image type)`` batches, augmented in ``workers`` processes.
+
+    With ``workers=0`` the batches are made in this process (one
+    :class:`TypeAlternatingSampler` seeded with ``seed``). Otherwise each loader
+    process runs its own sampler, seeded with ``seed`` and its index, and the
+    stream takes their batches in turn (deterministic for a given worker count):
+    a GPU consumes a 224 batch faster than one core augments it.
+
+    Yields
+    ------
+    targets : Tensor, shape (batch_size, 1, size, size), float32
+    image_type : str
+    """
+    import torch
+
+    if workers <= 0:
+        sampler = TypeAlternatingSampler(pool, batch_size, size, seed=seed, scale_range=scale_range)
+        while True:
+            batch, kind = sampler.next_batch()
+            yield torch.from_numpy(batch), kind
+
+    class _Batches(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            info = torch.utils.data.get_worker_info()
+            cv2.setNumThreads(1)
+            sampler = TypeAlternatingSampler(pool, batch_size, size, seed=seed * 1009 + info.id + 1,
+                                             scale_range=scale_range)
+            while True:
+                batch, kind = sampler.next_batch()
+                yield torch.from_numpy(batch), kind
+
+    loader = torch.utils.data.DataLoader(_Batches(), batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                                         prefetch_factor=4, persistent_workers=True)
+    # OpenCV's thread pool does not survive fork(): a child forked while the parent's pool
+    # exists hangs in its first warpAffine. Fork the loader processes with the pool shut down.
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        batches = iter(loader)
+    finally:
+        cv2.setNumThreads(threads)
+    yield from batches

@@ -8,6 +8,7 @@ every epoch, and finally write the weights with a model card.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -18,14 +19,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..config import check_options
 from ..model.load import ModelCard, load_model, save_model
 from ..model.unet import MicrosnoopUNet
-from .data import TypeAlternatingSampler, build_pool
+from .data import batch_stream, build_pool
 from .masking import learning_rate, mask_patches
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ class TrainConfig:
     amp: bool = True
     channels_last: bool = True
     threads: int | None = None
+    loader_workers: int = 0
+    notes: str = ""
     output: str | None = None
     half: bool = True
 
@@ -107,8 +109,9 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Te
 
 
 def train_step(model, optimizer, targets: torch.Tensor, cfg: TrainConfig, scaler=None,
-               generator: torch.Generator | None = None) -> float:
-    """One optimisation step on a batch of targets (n, 1, s, s); returns the loss."""
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """One optimisation step on a batch of targets (n, 1, s, s); returns the loss (a detached scalar tensor,
+    left on the device so that a GPU is not synchronised after every step)."""
     masked, mask = mask_patches(targets, cfg.patch_size, cfg.mask_ratio, generator)
     optimizer.zero_grad(set_to_none=True)
     use_amp = scaler is not None
@@ -122,7 +125,7 @@ def train_step(model, optimizer, targets: torch.Tensor, cfg: TrainConfig, scaler
     else:
         loss.backward()
         optimizer.step()
-    return float(loss.detach())
+    return loss.detach()
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
@@ -202,8 +205,10 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: t
         log.info("resuming %s from epoch %d (%s)", cfg.name, start_epoch, resume_from)
     if wrap is not None:
         model = wrap(model)
-    sampler = TypeAlternatingSampler(pool, cfg.batch_size, cfg.input_size,
-                                     seed=cfg.seed * 1000003 + rank * 7919 + start_epoch, scale_range=cfg.scale_range)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    stream = batch_stream(pool, cfg.batch_size, cfg.input_size, seed=cfg.seed * 1000003 + rank * 7919 + start_epoch,
+                          scale_range=cfg.scale_range, workers=cfg.loader_workers, pin_memory=device.type == "cuda")
     gen = torch.Generator().manual_seed(cfg.seed * 31 + rank + 1000 * start_epoch)
     per_worker = max(cfg.batch_size, cfg.epoch_size // world_size)
     for epoch in range(start_epoch, cfg.last_epoch):
@@ -211,13 +216,14 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: t
         for group in optimizer.param_groups:
             group["lr"] = lr
         t0, losses = time.perf_counter(), []
-        for batch, _kind in sampler.batches(per_worker):
-            targets = torch.from_numpy(batch).to(device, non_blocking=True).contiguous(memory_format=fmt)
+        for batch, _kind in itertools.islice(stream, max(1, per_worker // cfg.batch_size)):
+            targets = batch.to(device, non_blocking=True).contiguous(memory_format=fmt)
             losses.append(train_step(model, optimizer, targets, cfg, scaler, gen))
+        epoch_loss = float(torch.stack(losses).mean())
         dt = time.perf_counter() - t0
         images_seen += len(losses) * cfg.batch_size * world_size
         seconds += dt
-        metrics = {"epoch": epoch, "lr": lr, "loss": float(np.mean(losses)), "images_seen": images_seen,
+        metrics = {"epoch": epoch, "lr": lr, "loss": epoch_loss, "images_seen": images_seen,
                    "seconds": round(seconds, 1), "images_per_s": round(len(losses) * cfg.batch_size / dt, 2)}
         history.append(metrics)
         log.info("epoch %d lr %.2e loss %.5f (%.1f img/s)", epoch, lr, metrics["loss"], metrics["images_per_s"])
@@ -255,7 +261,8 @@ def write_weights(model: MicrosnoopUNet, cfg: TrainConfig, pool_summary: dict, h
         epochs=float(len(history)), images_seen=int(images_seen), mask_ratio=cfg.mask_ratio,
         input_size=cfg.input_size, source=f"microsnoop-ray pretraining: {runner}",
         notes=(f"{len(history)} epochs of {cfg.epoch_size} images (schedule of {cfg.nepoch}, warm-up {cfg.warmup}); "
-               f"{seconds / 3600:.2f} h on {hardware} x {cfg.num_workers} worker(s)"),
+               f"{seconds / 3600:.2f} h on {hardware} x {cfg.num_workers} worker(s)"
+               + (f". {cfg.notes}" if cfg.notes else "")),
         extra={"config": cfg.to_dict(), "hardware": hardware, "train_seconds": round(seconds, 1),
                "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                "loss_curve": [round(x, 5) for x in losses], "pool": pool_summary},
