@@ -272,7 +272,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
 
     from .io.fields import read_field
     from .model.load import load_model
-    from .train.reconstruct import center_target, reconstruct, reconstruction_figure
+    from .train.reconstruct import busiest_window, center_target, reconstruct, reconstruction_figure
 
     model = load_model(args.weights)
     if not getattr(model, "has_decoder", True):
@@ -281,8 +281,9 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     for path in args.images:
         image = read_field(path)
         c = min(args.channel, image.shape[0] - 1)
-        targets.append(center_target(image[c], args.size))
-        titles.append(f"{path.name} [ch {c}]")
+        at = busiest_window(image[c], args.size) if args.window == "busiest" else None
+        targets.append(center_target(image[c], args.size, at))
+        titles.append(f"{path.name} [ch {c}]" + (f"\nwindow at row {at[0]}, column {at[1]}" if at else ""))
     targets = np.stack(targets)
     result = reconstruct(model, targets, ratio=args.mask_ratio, seed=args.seed)
     reconstruction_figure(targets, result, args.out, titles)
@@ -511,7 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     cv.set_defaults(func=_cmd_convert)
 
     rc = sub.add_parser("reconstruct", help="mask 25%% of 16x16 patches and reconstruct: PNG + masked-region MSE")
-    rc.add_argument("images", type=Path, nargs="+", help="fields (TIFF/PNG/.npy); the central 224 crop is used")
+    rc.add_argument("images", type=Path, nargs="+", help="fields (TIFF/PNG/.npy); one 224 crop of each is used")
+    rc.add_argument("--window", choices=("center", "busiest"), default="center",
+                    help="which crop: the centre, or the window with the most structure")
     rc.add_argument("--weights", type=Path, default=None, help="full-network weights (default: shipped)")
     rc.add_argument("--out", type=Path, required=True, help="output PNG")
     rc.add_argument("--channel", type=int, default=0)

@@ -12,15 +12,35 @@ from ..qc import save_figure
 from .masking import mask_patches
 
 
-def center_target(plane: np.ndarray, size: int = 224) -> np.ndarray:
-    """Central ``size`` crop (zero-padded if smaller), percentile-normalised: (size, size) float32."""
+def center_target(plane: np.ndarray, size: int = 224, at: tuple[int, int] | None = None) -> np.ndarray:
+    """A ``size`` crop (zero-padded if smaller), percentile-normalised: (size, size) float32.
+
+    The central crop by default; ``at=(top, left)`` takes the window there instead.
+    """
     h, w = plane.shape
-    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    top, left = at if at is not None else (max(0, (h - size) // 2), max(0, (w - size) // 2))
     crop = np.asarray(plane[top:top + size, left:left + size], np.float32)
     out = np.zeros((size, size), np.float32)
     ch, cw = crop.shape
     out[(size - ch) // 2:(size - ch) // 2 + ch, (size - cw) // 2:(size - cw) // 2 + cw] = crop
     return normalize_percentile(out[None])[0]
+
+
+def busiest_window(plane: np.ndarray, size: int = 224) -> tuple[int, int]:
+    """(top, left) of the ``size`` window, on a grid of quarter steps, whose pixels vary most.
+
+    A field's centre is often empty; this finds the window with the most structure
+    (cells) for the reconstruction figure.
+    """
+    h, w = plane.shape
+    step = max(1, size // 4)
+    best, where = -1.0, (0, 0)
+    for top in range(0, max(1, h - size + 1), step):
+        for left in range(0, max(1, w - size + 1), step):
+            v = float(np.asarray(plane[top:top + size, left:left + size], np.float32).std())
+            if v > best:
+                best, where = v, (top, left)
+    return where
 
 
 @torch.inference_mode()
