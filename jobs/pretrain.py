@@ -1,6 +1,7 @@
 """Masked-image pretraining as a Ray job (Ray Train ``TorchTrainer``).
 
     ray job submit --working-dir . -- python jobs/pretrain.py --config configs/pretrain_cpu.yaml --workers 2
+    ray job submit --working-dir . -- python jobs/pretrain.py --config configs/pretrain_gpu.yaml --gpu --workers 4
 
 Same arguments as ``microsnoop-ray train``; ``--ray`` is implied. Resubmitting with the same
 ``--name`` and ``--storage-path`` resumes from the last per-epoch checkpoint.
