@@ -254,7 +254,9 @@ def test_profile_suites_cli_and_report(tmp_path):
     assert main(["report", "--results", str(out)]) == 0
     page = (out / "report.md").read_text()
     assert "## bbbc021-cp-profiles" in page and "not run yet" in page  # mlcp / chx were not run here
-    assert "microsoop" not in page and "microsnoop-ray-cpu112" in page  # the model card of the weights
+    from microsnoop_ray.model.load import load_model
+    card = load_model().model_card  # the report shows the model card of the shipped weights
+    assert f"| model_id | {card.model_id} |" in page and card.weights_sha256 in page
     assert (out / "report.html").read_text().count("<table>") >= 3
 
 
