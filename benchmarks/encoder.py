@@ -8,8 +8,8 @@ fraction of the float32 matmul peak measured in the same run.
 On a GPU (``--device cuda``) the variants also include fp16 autocast, the
 matmul peak is measured in the same precision as each variant, and
 ``end_to_end`` times :func:`microsnoop_ray.encode.embed` (padding and
-percentile normalisation on the CPU, then the encoder) on real cells cut from
-a CellProfiler example field: what one encoder actor of the pipeline can do.
+percentile normalisation on the CPU, then the encoder) on 64 x 64 windows of
+a real CellProfiler example field: what one encoder actor of the pipeline can do.
 
 Usage: python benchmarks/encoder.py [--sizes 64,112,224] [--seconds 8] [--device cuda] [--batch 256]
 """
@@ -72,7 +72,7 @@ def throughput(fn, x, seconds: float) -> float:
 
 
 def real_cells(n: int = 2048) -> "np.ndarray":
-    """(n, 1, 64, 64) uint16 windows around bright objects of a real example field."""
+    """(n, 1, 64, 64) uint16: random 64 x 64 windows of a real fluorescence field (CellProfiler ExampleHuman)."""
     import numpy as np
     import tifffile
     from pathlib import Path
@@ -140,13 +140,14 @@ def main() -> None:
         from microsnoop_ray.encode import Encoder, embed
         cells = real_cells()
         enc = Encoder(MicrosnoopUNet(), device=device)
-        embed(cells[:256], encoder=enc, batch_size=batch)
+        e2e_batch = args.batch or 256
+        embed(cells[:e2e_batch], encoder=enc, batch_size=e2e_batch)  # warm-up
         _sync(device)
         t0 = time.perf_counter()
-        embed(cells, encoder=enc, batch_size=args.batch or 256)
+        embed(cells, encoder=enc, batch_size=e2e_batch)
         _sync(device)
-        result["end_to_end"] = {"what": "embed() of real 64x64 cells: CPU padding + percentile normalisation, "
-                                        "then the encoder in fp32 on the GPU", "cells": len(cells),
+        result["end_to_end"] = {"what": "embed() of 64x64 windows of a real field: CPU padding + percentile "
+                                        "normalisation, then the encoder in fp32 on the GPU", "cells": len(cells),
                                 "cells_per_s": round(len(cells) / (time.perf_counter() - t0), 1)}
     best224 = max((c for c in result["cases"] if c["size"] == 224), key=lambda c: c["images_per_s"], default=None)
     if best224:

@@ -10,7 +10,7 @@ import dataclasses
 import fnmatch
 import logging
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -297,9 +297,9 @@ class TypeAlternatingSampler:
         batch = np.stack([augment(self.pool.planes[i], self.size, self.rng, self.scale_range) for i in idx])
         return batch[:, None], self.names[g]
 
-    def batches(self, n_images: int) -> Iterable[tuple[np.ndarray, str]]:
-        """Enough batches for ``n_images`` sampled images (one epoch)."""
-        for _ in range(max(1, n_images // self.batch_size)):
+    def __iter__(self) -> Iterator[tuple[np.ndarray, str]]:
+        """Endless :meth:`next_batch` results."""
+        while True:
             yield self.next_batch()
 
 
@@ -320,21 +320,17 @@ def batch_stream(pool: Pool, batch_size: int, size: int, seed: int = 0, scale_ra
     """
     import torch
 
+    def tensors(sampler_seed: int):
+        sampler = TypeAlternatingSampler(pool, batch_size, size, seed=sampler_seed, scale_range=scale_range)
+        return ((torch.from_numpy(batch), kind) for batch, kind in sampler)
+
     if workers <= 0:
-        sampler = TypeAlternatingSampler(pool, batch_size, size, seed=seed, scale_range=scale_range)
-        while True:
-            batch, kind = sampler.next_batch()
-            yield torch.from_numpy(batch), kind
+        yield from tensors(seed)
 
     class _Batches(torch.utils.data.IterableDataset):
         def __iter__(self):
-            info = torch.utils.data.get_worker_info()
             cv2.setNumThreads(1)
-            sampler = TypeAlternatingSampler(pool, batch_size, size, seed=seed * 1009 + info.id + 1,
-                                             scale_range=scale_range)
-            while True:
-                batch, kind = sampler.next_batch()
-                yield torch.from_numpy(batch), kind
+            return tensors(seed * 1009 + torch.utils.data.get_worker_info().id + 1)
 
     loader = torch.utils.data.DataLoader(_Batches(), batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                          prefetch_factor=4, persistent_workers=True)
