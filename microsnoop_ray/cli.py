@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from .errors import InputError, MicrosnoopError
+from .profiles.sphering import DEFAULT_REGULARIZATION as REGULARIZATION_DEFAULT, REGULARIZATIONS
 
 log = logging.getLogger("microsnoop_ray")
 
@@ -317,7 +318,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         summary, X, y = commands.evaluate_silhouette(df, args.label, args.distance, where)
     elif args.metric == "nsc":
         summary, X, y = commands.evaluate_nsc(df, args.moa, args.compound, args.concentration, args.batch_rule,
-                                              args.sphere, args.distance, where)
+                                              args.sphere, args.distance, where,
+                                              args.sphere_regularization
+                                              or ("epsilon" if args.sphere_epsilon is not None else REGULARIZATION_DEFAULT),
+                                              args.sphere_epsilon)
     else:
         summary, X, y = commands.evaluate_map(df, args.pert.split(","), args.question, not args.any_plate,
                                               args.null_size, args.seed, where)
@@ -480,9 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--sphering-scope", dest="sphering_scope", choices=("plate", "batch", "global", "none"),
                     default=None)
     pr.add_argument("--sphering-method", dest="sphering_method", choices=("zca-cor", "zca"), default=None)
-    pr.add_argument("--sphering-regularization", dest="sphering_regularization", choices=("epsilon", "faithful"),
-                    default=None)
-    pr.add_argument("--sphering-epsilon", dest="sphering_epsilon", type=float, default=None)
+    pr.add_argument("--sphering-regularization", dest="sphering_regularization", choices=REGULARIZATIONS,
+                    default=None, help="mean-eigenvalue: epsilon = the controls' mean eigenvalue (default); "
+                                       "shrinkage: Ledoit-Wolf; epsilon: a fixed epsilon (1e-6 reproduces "
+                                       "pycytominer); faithful: the reference code's knee floor")
+    pr.add_argument("--sphering-epsilon", dest="sphering_epsilon", type=float, default=None,
+                    help="fixed epsilon added to the eigenvalues (implies --sphering-regularization epsilon)")
     pr.add_argument("--sphering-fit-on", dest="sphering_fit_on", choices=("wells", "sites", "cells"), default=None)
     pr.add_argument("--sphering-fallback", dest="sphering_fallback", choices=("batch", "global"), default=None,
                     help="scope to use when a plate has too few controls (default global; recorded in the output)")
@@ -551,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch = Metadata_Batch (the week); plate = the reference's plate-string rule")
     q.add_argument("--sphere", choices=["none", "plate", "batch", "global"], default="none",
                    help="sphere well profiles on their negative controls first")
+    q.add_argument("--sphere-regularization", choices=REGULARIZATIONS, default=None,
+                   help="mean-eigenvalue (default), shrinkage (Ledoit-Wolf), epsilon (fixed), faithful (reference)")
+    q.add_argument("--sphere-epsilon", type=float, default=None, help="with --sphere-regularization epsilon")
     q.add_argument("--distance", choices=["cosine", "euclidean"], default="cosine")
     q = evs.add_parser("map", parents=[common], help="copairs mAP: activity vs controls, or replicate consistency")
     q.add_argument("--pert", required=True, help="perturbation column(s), comma-separated")

@@ -76,6 +76,30 @@ def pca_png(profiles: pd.DataFrame, color_by: str, path: str | Path, title: str 
     return save_figure(fig, path)
 
 
+def _num(v, fmt: str = ".3g") -> str:
+    return "singular" if v is None else format(v, fmt)
+
+
+def sphering_lines(sph: dict | None) -> list[str]:
+    """Markdown for the sphering section: one row of diagnostics per fit, then its warnings."""
+    if not sph:
+        return ["Sphering: none.", ""]
+    if not sph.get("applied"):
+        return [f"Sphering: not applied ({sph.get('reason', 'not requested')}).", ""]
+    lines = ["## Sphering", "", f"Requested scope {sph['scope_requested']}, fitted on control {sph['fit_on']}.", "",
+             "| scope | group | controls | features | rank | effective rank | condition before | condition after "
+             "| regularisation | epsilon |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for f in sph["fits"]:
+        lines.append(f"| {f['scope']} | {f['group'] or 'all'} | {f['n_controls']} | {f['n_features']} | {f['rank']} | "
+                     f"{f['effective_rank']:.1f} | {_num(f['condition_number_before'])} | "
+                     f"{_num(f['condition_number_after'])} | {f['regularization']} | "
+                     f"{_num(f['epsilon']) if f['epsilon'] is not None else f['floor_rule']} |")
+    warnings = [f["warning"] for f in sph["fits"] if f.get("warning")]
+    if warnings:
+        lines += ["", "Warnings:", ""] + [f"- {w}" for w in warnings]
+    return lines + [""]
+
+
 def write_report(out: str | Path, summary: dict, color_by: str | None = None, extra: dict | None = None) -> Path:
     """``report/``: one layout PNG per plate, a PCA PNG of all well profiles, ``README.md`` with the tables."""
     out = Path(out)
@@ -106,8 +130,9 @@ def write_report(out: str | Path, summary: dict, color_by: str | None = None, ex
     lines += ["", "## Outputs", "", "| level | plate | rows | path |", "|---|---|---|---|"]
     for o in summary["outputs"]:
         lines.append(f"| {o['level']} | {o['plate']} | {o['rows']} | `{o['path']}` |")
-    lines += ["", f"Aggregation: {summary['aggregation']}. Sphering: "
-                  f"{json.dumps(summary['sphering']) if summary['sphering'] else 'none'}.", ""]
+    sph = summary.get("sphering")
+    lines += ["", f"Aggregation: {summary['aggregation']}.", ""]
+    lines += sphering_lines(sph)
     if len(skipped):
         lines += ["## Skipped", "", f"{len(skipped)} input(s); see `skipped.csv`.", ""]
     if extra:

@@ -59,7 +59,8 @@ def test_plate_scope_whitens_each_plates_controls_and_records_the_fits():
         parts.append(pd.DataFrame(X, columns=[f"f{i}" for i in range(4)]).assign(
             Metadata_Plate=plate, Metadata_Batch="B", Metadata_pert_type=["negcon"] * 60 + ["trt"] * 20))
     df = pd.concat(parts, ignore_index=True)
-    out, fits = sphere_profiles(df, scope="plate")
+    # a fixed tiny epsilon whitens exactly (60 controls for 4 features: the default epsilon is the mean eigenvalue)
+    out, fits = sphere_profiles(df, scope="plate", regularization="epsilon", epsilon=1e-9)
     assert [f["group"] for f in fits] == ["P1", "P2"] and all(f["n_controls"] == 60 for f in fits)
     for plate in ("P1", "P2"):
         ctrl = out[(out.Metadata_Plate == plate) & (out.Metadata_pert_type == "negcon")][[f"f{i}" for i in range(4)]]

@@ -235,8 +235,16 @@ def test_profile_suites_cli_and_report(tmp_path):
                  "--quiet"]) == 0
     doc = json.loads((out / "bbbc021-cp-profiles" / "result.json").read_text())
     nsc = [r for r in doc["metrics"] if r["task"] == "NSC"
-           and r["method"] == "cellprofiler_profiles, sphered (global scope)"]
+           and r["method"] == "cellprofiler_profiles, sphered (global scope, mean-eigenvalue)"]
     assert len(nsc) == 1 and nsc[0]["total"] == 103
+    # 330 DMSO wells for 516 features: the default regulariser beats pycytominer's epsilon 1e-6 in both scopes
+    value = {r["method"]: r["value"] for r in doc["metrics"] if r["task"] == "NSC"}
+    for scope in ("global", "batch"):
+        new, old = (value[f"cellprofiler_profiles, sphered ({scope} scope, {r})"] for r in ("mean-eigenvalue",
+                                                                                             "epsilon 1e-6"))
+        assert new > old + 0.05, (scope, new, old)
+    fit = doc["methods"]["cellprofiler_profiles, sphered (global scope, mean-eigenvalue)"]["sphering"][0]
+    assert fit["n_controls"] == 330 and fit["rank"] == 329 and fit["condition_number_before"] is None
     table = (out / "bbbc021-cp-profiles" / "table.md").read_text()
     for m in ("microsnoop", "random_init", "cp_measure", "pixels_pca"):
         assert f"| {m} |" in table  # every method has its row, n/a where no images exist

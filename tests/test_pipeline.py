@@ -86,6 +86,18 @@ def test_sphered_controls_and_treatments(profiled):
     from microsnoop_ray.io.write import read_provenance
     prov = read_provenance(next(out.glob("profiles/*/treatments.parquet")))
     assert prov["sphering"]["scope_requested"] == "plate" and "mean" in prov["aggregation"]
+    # diagnostics of each fit: a few control wells for 256 x channels features is the common case, and is said
+    f = fits[0]
+    assert f["regularization"] == "mean-eigenvalue" and f["epsilon"] == pytest.approx(1.0)
+    assert f["n_features"] > f["n_controls"] and f["rank"] < f["n_controls"] and f["fewer_controls_than_features"]
+    assert f["condition_number_before"] is None and f["condition_number_after"] < 1e6
+    assert f"{f['n_controls']} controls for {f['n_features']} varying features" in f["warning"]
+    well_prov = read_provenance(next(out.glob("profiles/*/*/Transfluor/Transfluor_sphered.parquet")))
+    assert well_prov["sphering"][0]["effective_rank"] == pytest.approx(f["effective_rank"])
+    from microsnoop_ray.report import sphering_lines
+    table = "\n".join(sphering_lines(summary["sphering"]))
+    assert f"| plate | Transfluor | {f['n_controls']} | {f['n_features']} | {f['rank']} |" in table
+    assert "singular" in table and "Warnings:" in table
 
 
 def test_rerun_changes_nothing_and_resume_after_loss_is_identical(profiled):

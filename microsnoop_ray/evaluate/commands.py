@@ -12,7 +12,7 @@ import pandas as pd
 
 from ..errors import InputError
 from ..profiles.aggregate import feature_columns, treatment_profiles
-from ..profiles.sphering import sphere_profiles
+from ..profiles.sphering import DEFAULT_REGULARIZATION, sphere_profiles
 from .mapping import activity_map, consistency_map
 from .metrics import knn_accuracy, mlp_accuracy, silhouette
 from .nsc import nsc_nscb, treatment_batches
@@ -75,20 +75,23 @@ def evaluate_silhouette(df: pd.DataFrame, label: str, metric: str = "cosine",
 
 def evaluate_nsc(df: pd.DataFrame, moa: str = "Metadata_moa", compound: str = "Metadata_Compound",
                  concentration: str = "Metadata_Concentration", batch_rule: str = "batch", sphere: str = "none",
-                 metric: str = "cosine", where: str = "table") -> tuple[dict, np.ndarray, np.ndarray]:
+                 metric: str = "cosine", where: str = "table", regularization: str = DEFAULT_REGULARIZATION,
+                 epsilon: float | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
     """NSC and NSCB. ``df`` holds either treatment profiles (one row per compound and concentration,
     with ``Metadata_Batch`` or ``Metadata_Plate`` for the batch rule) or well profiles, which are first
     sphered on their negative controls (``sphere`` scope; ``none`` keeps them) and averaged per
-    treatment. Negative controls (``Metadata_pert_type == negcon``, or the compound DMSO) are never
-    treatments."""
+    treatment (``regularization`` and ``epsilon`` as :func:`~microsnoop_ray.profiles.sphering.fit_sphering`;
+    the fits' diagnostics are in the summary). Negative controls (``Metadata_pert_type == negcon``, or the
+    compound DMSO) are never treatments."""
     keys = [compound, concentration]
     _columns(df, [moa] + keys, where)
     _features(df, where)
     col = "Metadata_Batch" if batch_rule == "batch" else "Metadata_Plate"
     _columns(df, [col], where)
+    fits = []
     if sphere != "none":
         try:
-            df, _ = sphere_profiles(df, scope=sphere)
+            df, fits = sphere_profiles(df, scope=sphere, regularization=regularization, epsilon=epsilon)
         except ValueError as exc:
             raise InputError(where, str(exc)) from None
     control = df[compound].astype(str).str.upper().eq("DMSO")
@@ -106,7 +109,8 @@ def evaluate_nsc(df: pd.DataFrame, moa: str = "Metadata_moa", compound: str = "M
     treat = treat.drop(columns=["Metadata_NSCB_Batch"], errors="ignore").merge(batches, on=keys)
     res = nsc_nscb(treat, moa, compound, "Metadata_NSCB_Batch", metric)
     summary = {"metric": "nsc", "input": level, "sphering": sphere, "batch_rule": batch_rule, "distance": metric,
-               "treatments": int(len(treat)), "control_rows_left_out": int(control.sum()), **res}
+               "treatments": int(len(treat)), "control_rows_left_out": int(control.sum()), **res,
+               "sphering_fits": fits}
     return summary, treat[feature_columns(treat)].to_numpy(np.float64), treat[moa].astype(str).to_numpy()
 
 

@@ -37,7 +37,7 @@ import pandas as pd
 
 from ..io.tables import sample_per_group
 from ..profiles.aggregate import aggregate, feature_columns, treatment_profiles
-from ..profiles.sphering import sphere_profiles
+from ..profiles.sphering import DEFAULT_REGULARIZATION, sphere_profiles
 from .baselines import METHODS, extract
 from .figures import embedding_png
 from .mapping import activity_map, consistency_map
@@ -196,20 +196,37 @@ def load_bbbc021_well_profiles(data: Path) -> pd.DataFrame:
     return pd.concat([meta, X.astype(np.float64)], axis=1)
 
 
+# Sphering variants compared by the profile suites: the old default (pycytominer's fixed epsilon) and the new one.
+SPHERING_VARIANTS = {"epsilon 1e-6": {"regularization": "epsilon", "epsilon": 1e-6},
+                     "Ledoit-Wolf shrinkage": {"regularization": "shrinkage"},
+                     DEFAULT_REGULARIZATION: {"regularization": DEFAULT_REGULARIZATION}}
+SPHERING_NOTE = ("ZCA-cor fitted on the negative-control wells; 'epsilon 1e-6' is pycytominer's default and this "
+                 f"project's old one, '{DEFAULT_REGULARIZATION}' (epsilon = the controls' mean eigenvalue) the "
+                 "default now; Ledoit-Wolf shrinkage is the other option")
+
+
+def _fit_digest(fits: list[dict]) -> list[dict]:
+    """The diagnostics of each sphering fit, for the suite's JSON."""
+    keep = ("group", "n_controls", "n_features", "rank", "effective_rank", "condition_number_before",
+            "condition_number_after", "epsilon", "shrinkage")
+    return [{k: f.get(k) for k in keep} for f in fits]
+
+
 def suite_cp_profiles(data: Path, out: Path, methods: Sequence[str], seed: int = 0, log=print, **_) -> dict:
     wells = load_bbbc021_well_profiles(data)
     keys = ["Metadata_Compound", "Metadata_Concentration"]
     batches = {rule: treatment_batches(wells[wells["Metadata_pert_type"] != "negcon"], keys, rule)
                for rule in ("batch", "plate")}
     rows, detail, figures, variants = [], {}, [], {}
-    for scope in ("global", "batch", "plate", "none"):
+    for scope, reg in [("none", None)] + [(s, r) for s in ("global", "batch", "plate") for r in SPHERING_VARIANTS]:
         if scope == "none":
             sphered, fits = wells, []
         else:
-            sphered, fits = sphere_profiles(wells, scope=scope)
+            sphered, fits = sphere_profiles(wells, scope=scope, **SPHERING_VARIANTS[reg])
         treat = treatment_profiles(sphered, keys, "mean")
-        variant = f"{PROFILE_METHOD}, " + ("not sphered" if scope == "none" else f"sphered ({scope} scope)")
-        variants[variant] = {"seconds_per_cell": None, "dim": len(feature_columns(wells)), "sphering_fits": len(fits)}
+        variant = f"{PROFILE_METHOD}, " + ("not sphered" if scope == "none" else f"sphered ({scope} scope, {reg})")
+        variants[variant] = {"seconds_per_cell": None, "dim": len(feature_columns(wells)), "sphering_fits": len(fits),
+                             "sphering": _fit_digest(fits)}
         for rule, b in batches.items():
             res = nsc_nscb(treat.merge(b, on=keys), metric="cosine")
             if rule == "batch":
@@ -218,9 +235,9 @@ def suite_cp_profiles(data: Path, out: Path, methods: Sequence[str], seed: int =
             rows.append(_row("NSCB, week batches" if rule == "batch" else "NSCB, plate-string batches",
                              "1-NN cosine", variant, res["nscb"]["accuracy"], correct=res["nscb"]["correct"],
                              total=res["nscb"]["total"]))
-            detail[f"{scope}/{rule}"] = {"nsc_failed": res["nsc"]["failed"], "nscb_failed": res["nscb"]["failed"],
-                                         "nscb_dropped_moas": res["nscb"]["dropped_moas"]}
-        if scope == "global":
+            detail[f"{scope}/{reg}/{rule}"] = {"nsc_failed": res["nsc"]["failed"], "nscb_failed": res["nscb"]["failed"],
+                                               "nscb_dropped_moas": res["nscb"]["dropped_moas"]}
+        if scope == "global" and reg == DEFAULT_REGULARIZATION:
             figures.append(str(embedding_png(treat[feature_columns(treat)].to_numpy(), treat["Metadata_moa"],
                                              out / "umap_treatments_global.png",
                                              "BBBC021 treatments (CellProfiler, sphered globally)", seed=seed).name))
@@ -229,8 +246,7 @@ def suite_cp_profiles(data: Path, out: Path, methods: Sequence[str], seed: int =
                                        .shape[0]), "dmso_wells": int(wells["Metadata_pert_type"].eq("negcon").sum()),
                      "source": "Ljosa et al. 2013 per-well means of BBBC021"},
             "methods": {**variants, **{m: {"not_applicable": NOT_APPLICABLE} for m in methods}},
-            "sphering": "ZCA-cor fitted on the DMSO wells, epsilon 1e-6 (the pipeline default)",
-            "metrics": rows, "failed": detail, "figures": figures}
+            "sphering": SPHERING_NOTE, "metrics": rows, "failed": detail, "figures": figures}
 
 
 def suite_lincs(data: Path, out: Path, methods: Sequence[str], seed: int = 0, log=print,
@@ -239,20 +255,29 @@ def suite_lincs(data: Path, out: Path, methods: Sequence[str], seed: int = 0, lo
     _need(f)
     df = pd.read_csv(f)
     ctrl = df["Metadata_pert_type"].eq("control").to_numpy()
-    a = activity_map(df, "Metadata_broad_sample", controls=ctrl, null_size=null_size, seed=seed)
-    c = consistency_map(df, "Metadata_moa", controls=ctrl, null_size=null_size, seed=seed,
-                        pos_diffby=["Metadata_broad_sample"])
-    rows = [_row("compound (doses as replicates) vs same-plate DMSO", "mAP", PROFILE_METHOD, a["mean_map"],
-                 fraction_retrieved=a["fraction_retrieved"], groups=a["n_groups"]),
-            _row("MoA consistency across compounds", "mAP", PROFILE_METHOD, c["mean_map"],
-                 fraction_retrieved=c["fraction_retrieved"], groups=c["n_groups"])]
+    rows, variants = [], {}
+    # one plate: the plate, batch and global scopes are the same fit
+    for reg in [None, *SPHERING_VARIANTS]:
+        if reg is None:
+            prof, fits, variant = df, [], PROFILE_METHOD
+        else:
+            prof, fits = sphere_profiles(df, controls=ctrl, scope="global", **SPHERING_VARIANTS[reg])
+            variant = f"{PROFILE_METHOD}, sphered on the plate's DMSO wells ({reg})"
+        a = activity_map(prof, "Metadata_broad_sample", controls=ctrl, null_size=null_size, seed=seed)
+        c = consistency_map(prof, "Metadata_moa", controls=ctrl, null_size=null_size, seed=seed,
+                            pos_diffby=["Metadata_broad_sample"])
+        rows += [_row("compound (doses as replicates) vs same-plate DMSO", "mAP", variant, a["mean_map"],
+                      fraction_retrieved=a["fraction_retrieved"], groups=a["n_groups"]),
+                 _row("MoA consistency across compounds", "mAP", variant, c["mean_map"],
+                      fraction_retrieved=c["fraction_retrieved"], groups=c["n_groups"])]
+        variants[variant] = {"seconds_per_cell": None, "dim": len(feature_columns(df)), "sphering": _fit_digest(fits)}
     trt = df[~ctrl]
     fig = embedding_png(df[feature_columns(df)].to_numpy(), np.where(ctrl, "DMSO", "treated"),
                         out / "umap_wells.png", "LINCS SQ00015054 wells", seed=seed)
     return {"data": {"wells": int(len(df)), "dmso_wells": int(ctrl.sum()), "compounds":
                      int(trt["Metadata_broad_sample"].nunique()), "source": "LINCS Cell Painting, plate SQ00015054"},
-            "methods": {PROFILE_METHOD: {"seconds_per_cell": None, "dim": len(feature_columns(df))},
-                        **{m: {"not_applicable": NOT_APPLICABLE} for m in methods}},
+            "methods": {**variants, **{m: {"not_applicable": NOT_APPLICABLE} for m in methods}},
+            "sphering": SPHERING_NOTE + "; one plate, so plate, batch and global scopes are one fit",
             "metrics": rows, "figures": [fig.name]}
 
 

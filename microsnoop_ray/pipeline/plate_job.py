@@ -33,7 +33,7 @@ from ..io.tables import join_platemap, read_cell_array, read_image_table, read_p
 from ..io.write import write_parquet
 from ..io.zarr_plate import open_plate, split_well
 from ..profiles.aggregate import SITE_KEYS, WELL_KEYS, aggregate, feature_columns, treatment_profiles
-from ..profiles.sphering import sphere_profiles
+from ..profiles.sphering import DEFAULT_REGULARIZATION, REGULARIZATIONS, sphere_profiles
 from .stages import CropStage, EncodeStage, SiteCollector, read_item, site_key
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,8 @@ class ProfileConfig:
     cells_chunk: int = 256
     aggregation: str = "mean"
     sphering: dict = dataclasses.field(default_factory=lambda: {"scope": "plate", "method": "zca-cor",
-                                                               "regularization": "epsilon", "epsilon": 1e-6,
-                                                               "fit_on": "wells", "fallback": "global",
+                                                               "regularization": DEFAULT_REGULARIZATION,
+                                                               "epsilon": None, "fit_on": "wells", "fallback": "global",
                                                                "required": False})
     treatment_keys: list = dataclasses.field(default_factory=lambda: ["Metadata_Compound", "Metadata_Concentration"])
     batch_size: int = 64
@@ -87,7 +87,15 @@ class ProfileConfig:
         check_options(cls, d, "profile")
         d = dict(d)
         if "sphering" in d and d["sphering"] is not None:
-            d["sphering"] = {**cls().sphering, **d["sphering"]}
+            given = dict(d["sphering"])
+            if given.get("epsilon") is not None and "regularization" not in given:
+                given["regularization"] = "epsilon"  # a fixed epsilon asks for the epsilon mode
+            d["sphering"] = {**cls().sphering, **given}
+            reg, eps = d["sphering"]["regularization"], d["sphering"]["epsilon"]
+            if reg not in REGULARIZATIONS:
+                raise ValueError(f"sphering.regularization must be one of {REGULARIZATIONS}, not {reg!r}")
+            if eps is not None and reg != "epsilon":
+                raise ValueError(f"sphering.epsilon {eps} is only used with regularization 'epsilon', not {reg!r}")
         cfg = cls(**d)
         if not cfg.inputs:
             raise ValueError("no input plates given")
@@ -480,8 +488,9 @@ def _sphere(cfg: ProfileConfig, wells: pd.DataFrame, layout: Layout, plates: dic
                         cells = aggregate(cells[SITE_KEYS + feature_columns(cells)], SITE_KEYS, cfg.aggregation)
                     parts.append(cells)
         fit_on = pd.concat(parts, ignore_index=True) if parts else wells.iloc[:0]
-    kw = dict(method=sph.get("method", "zca-cor"), regularization=sph.get("regularization", "epsilon"),
-              epsilon=float(sph.get("epsilon", 1e-6)), fit_on=fit_on)
+    eps = sph.get("epsilon")
+    kw = dict(method=sph.get("method", "zca-cor"), regularization=sph.get("regularization", DEFAULT_REGULARIZATION),
+              epsilon=None if eps is None else float(eps), fit_on=fit_on)
     try:
         return sphere_profiles(wells, scope=sph["scope"], **kw)
     except ValueError as exc:
