@@ -159,7 +159,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     options = load_config(args.config)
     for key in ("name", "storage_path", "init", "output", "nepoch", "warmup", "stop_epoch", "epoch_size", "input_size",
-                "batch_size", "threads", "loader_workers"):
+                "batch_size", "threads", "loader_workers", "lr", "lr_rule", "loss", "skips", "mask_ratio", "patch_size",
+                "amp_dtype"):
         value = getattr(args, key)
         if value is not None:
             options[key] = str(value) if isinstance(value, Path) else value
@@ -394,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("embed", help="embed images up to 224x224 (cells, crops) into a Parquet table")
     e.add_argument("input", type=Path, help=".npy, .npz (key 'images') of shape (N, C, H, W), or a folder of TIFFs")
     e.add_argument("--weights", type=Path, default=None,
-                   help="checkpoint (published .pth, state dict, or microsnoop-ray format); default: shipped weights")
+                   help="checkpoint (published .pth, state dict, microsnoop-ray format, or cellpose:PATH for a "
+                        "Cellpose 3 / scellseg file); default: shipped weights")
     e.add_argument("--out", type=Path, required=True, help="output .parquet")
     e.add_argument("--channel-names", default=None, help="comma-separated, one per channel (default ch0,ch1,...)")
     e.add_argument("--metadata", type=Path, default=None, help="CSV/Parquet with one row per image (Metadata_ columns)")
@@ -438,7 +440,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", type=Path, default=None, help="YAML or TOML with the TrainConfig options")
     t.add_argument("--name", default=None)
     t.add_argument("--storage-path", dest="storage_path", type=Path, default=None)
-    t.add_argument("--init", type=Path, default=None, help="start from these weights (fine-tuning)")
+    t.add_argument("--init", default=None,
+                   help="start from these weights (fine-tuning); cellpose:PATH converts a Cellpose 3 or scellseg file")
+    t.add_argument("--lr", type=float, default=None, help="base learning rate (paper: 1e-3 at batch 16)")
+    t.add_argument("--lr-rule", dest="lr_rule", choices=("none", "linear", "sqrt"), default=None,
+                   help="scale --lr with the batch size relative to 16")
+    t.add_argument("--loss", choices=("all", "masked"), default=None, help="MSE over all pixels (paper) or masked")
+    t.add_argument("--skips", choices=("keep", "drop", "noise"), default=None,
+                   help="shallow skip connections while pretraining (inference is unchanged)")
+    t.add_argument("--mask-ratio", dest="mask_ratio", type=float, default=None)
+    t.add_argument("--patch-size", dest="patch_size", type=int, default=None)
+    t.add_argument("--amp-dtype", dest="amp_dtype", choices=("float16", "bfloat16"), default=None)
     t.add_argument("--output", type=Path, default=None, help="where to write the final weights")
     t.add_argument("--nepoch", type=int, default=None)
     t.add_argument("--stop-epoch", dest="stop_epoch", type=int, default=None)

@@ -6,6 +6,9 @@ Formats accepted by :func:`load_model` (always read with ``weights_only=True``):
   as ``optimizer``, ``checkpoint_epoch``, ``scaler`` are ignored); keys may carry
   a ``module.`` prefix (DistributedDataParallel).
 * **plain**: the state dict itself.
+* **cellpose**: ``cellpose:PATH``, a Cellpose 3 or scellseg weights file, converted by
+  :func:`~microsnoop_ray.model.convert.cellpose_to_microsnoop` (first layer reduced to one
+  channel, Cellpose's 3-output head left out); its model card says so.
 * **microsnoop-ray**: ``{"format": "microsnoop-ray/1", "state_dict": ..., "model_card": {...}}``
   written by :func:`save_model`. Tensors may be stored in float16 to keep the file
   small; they are loaded as float32.
@@ -29,6 +32,7 @@ from ..errors import WeightsError
 from .unet import MicrosnoopUNet
 
 FORMAT = "microsnoop-ray/1"
+CELLPOSE_PREFIX = "cellpose:"
 _WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 
 
@@ -148,8 +152,11 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
                 "pass a checkpoint with --weights (the published Microsnoop .pth file works unchanged, "
                 "or train one with `microsnoop-ray train`)",
             )
-    path = Path(path)
+    cellpose = str(path).startswith(CELLPOSE_PREFIX)
+    path = Path(str(path)[len(CELLPOSE_PREFIX):]) if cellpose else Path(path)
     obj = _read(path)
+    if cellpose:
+        return _load_cellpose(obj, path, device)
     if not isinstance(obj, Mapping):
         raise WeightsError(path, f"holds a {type(obj).__name__}, not a checkpoint dict")
 
@@ -205,6 +212,38 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
     model.model_card = card
     model.has_decoder = has_decoder
     model.weights_path = str(path)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def _load_cellpose(obj: Any, path: Path, device) -> MicrosnoopUNet:
+    from .convert import cellpose_to_microsnoop
+
+    if not isinstance(obj, Mapping) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise WeightsError(path, "cellpose: a Cellpose weights file is a plain state dict of tensors")
+    try:
+        sd = cellpose_to_microsnoop(obj)
+    except (KeyError, ValueError) as exc:
+        raise WeightsError(path, f"cellpose: {exc.args[0]}") from None
+    model = MicrosnoopUNet()
+    expected = model.state_dict()
+    for k, v in sd.items():
+        if k not in expected or tuple(v.shape) != tuple(expected[k].shape):
+            raise WeightsError(path, f"cellpose: tensor {k} {tuple(v.shape)} does not fit the Microsnoop network")
+    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=False)
+    digest = weights_hash(sd)
+    model.model_card = ModelCard(
+        model_id=f"cellpose-{path.name}-{digest[:8]}", weights_sha256=digest, training_data="Cellpose (its own)",
+        input_size=224, source=f"Cellpose checkpoint {path.name}, converted by microsnoop_ray.model.convert",
+        notes="Cellpose's segmentation network used unchanged as a Microsnoop encoder: first layer reduced from "
+              "2 input channels to the first; decoder trunk kept, Cellpose's 3-output head dropped (the "
+              "reconstruction head is at its initial values). Preprocessing as every Microsnoop model: centred "
+              "zero padding to 224, 1-99 percentile normalisation.")
+    model.has_decoder = False
+    model.weights_path = f"{CELLPOSE_PREFIX}{path}"
     model.eval()
     if device is not None:
         model.to(device)

@@ -173,8 +173,21 @@ class MicrosnoopUNet(nn.Module):
         self.encoder = Encoder(in_chans)
         self.decoder = Decoder(in_chans)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skips: str = "keep", noise: float = 1.0) -> torch.Tensor:
+        """Reconstruct ``x``. ``skips`` only changes pretraining, never the embedding:
+
+        ``"keep"`` (the paper) feeds every encoder level to the decoder; ``"drop"`` zeroes the
+        three shallow skip connections, and ``"noise"`` adds Gaussian noise of ``noise`` times
+        each map's standard deviation to them, so that the deepest map (whose pooled,
+        normalised mean is the embedding) must carry the image's content.
+        """
         levels = self.encoder(x)
+        if skips == "drop":
+            levels = [torch.zeros_like(t) for t in levels[:-1]] + [levels[-1]]
+        elif skips == "noise":
+            levels = [t + noise * t.detach().std() * torch.randn_like(t) for t in levels[:-1]] + [levels[-1]]
+        elif skips != "keep":
+            raise ValueError(f"skips must be 'keep', 'drop' or 'noise', not {skips!r}")
         return self.decoder(levels, style_vector(levels[-1]))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..config import check_options
 from ..model.load import ModelCard, load_model, save_model
 from ..model.unet import MicrosnoopUNet
-from .data import batch_stream, build_pool
+from .data import Pool, batch_stream, build_pool
 from .masking import learning_rate, mask_patches
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,9 @@ class TrainConfig:
     patch_size: int = 16
     mask_ratio: float = 0.25
     loss: str = "all"  # "all" pixels (paper) or "masked" only
+    skips: str = "keep"  # shallow skip connections while pretraining: "keep" (paper), "drop" or "noise"
+    amp_dtype: str = "float16"  # autocast dtype on a GPU: "float16" (with a gradient scaler) or "bfloat16"
+    lr_rule: str = "none"  # scale lr with the batch: "none", "linear" or "sqrt" (relative to batch 16)
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -80,6 +83,12 @@ class TrainConfig:
             raise ValueError(f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}")
         if self.loss not in ("all", "masked"):
             raise ValueError(f"loss must be 'all' or 'masked', got {self.loss!r}")
+        if self.skips not in ("keep", "drop", "noise"):
+            raise ValueError(f"skips must be 'keep', 'drop' or 'noise', got {self.skips!r}")
+        if self.amp_dtype not in ("float16", "bfloat16"):
+            raise ValueError(f"amp_dtype must be 'float16' or 'bfloat16', got {self.amp_dtype!r}")
+        if self.lr_rule not in ("none", "linear", "sqrt"):
+            raise ValueError(f"lr_rule must be 'none', 'linear' or 'sqrt', got {self.lr_rule!r}")
         if not self.sources:
             raise ValueError("no pretraining sources given")
         if self.name != os.path.basename(self.name) or self.name in ("", ".", ".."):
@@ -89,6 +98,12 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["scale_range"] = list(self.scale_range)
         return d
+
+    @property
+    def base_lr(self) -> float:
+        """``lr`` scaled to the batch size by ``lr_rule``, relative to the paper's batch 16."""
+        ratio = self.batch_size / 16.0
+        return self.lr * {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[self.lr_rule]
 
     @property
     def last_epoch(self) -> int:
@@ -114,11 +129,12 @@ def train_step(model, optimizer, targets: torch.Tensor, cfg: TrainConfig, scaler
     left on the device so that a GPU is not synchronised after every step)."""
     masked, mask = mask_patches(targets, cfg.patch_size, cfg.mask_ratio, generator)
     optimizer.zero_grad(set_to_none=True)
-    use_amp = scaler is not None
-    with torch.autocast(device_type=targets.device.type, dtype=torch.float16, enabled=use_amp):
-        pred = model(masked)
+    use_amp = cfg.amp and targets.device.type == "cuda"
+    dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
+    with torch.autocast(device_type=targets.device.type, dtype=dtype, enabled=use_amp):
+        pred = model(masked, skips=cfg.skips) if cfg.skips != "keep" else model(masked)
     loss = reconstruction_loss(pred, targets, mask, cfg.loss)
-    if use_amp:
+    if scaler is not None:
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -154,7 +170,7 @@ def _unwrap(model):
 
 def train_worker(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
                  wrap: Callable | None = None, report: Callable[[dict, Path | None], None] | None = None,
-                 resume_from: Path | None = None) -> dict:
+                 resume_from: Path | None = None, pool: Pool | None = None) -> dict:
     """The training loop of one worker (rank 0 writes checkpoints and the weights).
 
     Parameters
@@ -165,6 +181,8 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: t
         ``report(metrics, checkpoint_path_or_None)`` after every epoch.
     resume_from : Path, optional
         A checkpoint file; by default the run's latest checkpoint, if any.
+    pool : Pool, optional
+        An already built pool of ``cfg.sources`` (a study of several recipes builds it once).
 
     Returns
     -------
@@ -176,18 +194,21 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: t
     device = device or torch.device("cpu")
     torch.manual_seed(cfg.seed + rank)
     run_dir = cfg.run_dir()
-    pool = build_pool(cfg.sources)
+    pool = pool if pool is not None else build_pool(cfg.sources)
     if cfg.init:
         model = load_model(cfg.init)
         if not getattr(model, "has_decoder", True):
-            log.warning("--init %s has no decoder: the decoder starts from random weights", cfg.init)
+            log.warning("--init %s has no complete decoder: the missing layers start from their initial values",
+                        cfg.init)
     else:
         model = MicrosnoopUNet()
     model.to(device).train()
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if (cfg.amp and device.type == "cuda") else None
+    # bf16 has float32's range: no gradient scaler
+    scaler = torch.amp.GradScaler("cuda") if (cfg.amp and device.type == "cuda" and cfg.amp_dtype == "float16") \
+        else None
     start_epoch, history, images_seen, seconds = 0, [], 0, 0.0
     resume_from = resume_from or latest_checkpoint(run_dir)
     if resume_from is not None:
@@ -212,7 +233,7 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: t
     gen = torch.Generator().manual_seed(cfg.seed * 31 + rank + 1000 * start_epoch)
     per_worker = max(cfg.batch_size, cfg.epoch_size // world_size)
     for epoch in range(start_epoch, cfg.last_epoch):
-        lr = learning_rate(epoch, cfg.lr, cfg.warmup, cfg.nepoch)
+        lr = learning_rate(epoch, cfg.base_lr, cfg.warmup, cfg.nepoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
         t0, losses = time.perf_counter(), []
@@ -271,12 +292,12 @@ def write_weights(model: MicrosnoopUNet, cfg: TrainConfig, pool_summary: dict, h
     return save_model(model, out, card, half=cfg.half)
 
 
-def train_local(cfg: TrainConfig) -> dict:
+def train_local(cfg: TrainConfig, pool: Pool | None = None) -> dict:
     """The plain single-process path (CPU, or one GPU when ``use_gpu``) without Ray."""
     device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
     if cfg.use_gpu and device.type != "cuda":
         raise RuntimeError("use_gpu was asked for but torch sees no CUDA device")
-    return train_worker(cfg, device=device)
+    return train_worker(cfg, device=device, pool=pool)
 
 
 def _ray_loop(config: dict) -> None:
