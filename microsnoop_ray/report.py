@@ -132,6 +132,12 @@ def write_report(out: str | Path, summary: dict, color_by: str | None = None, ex
         lines.append(f"| {o['level']} | {o['plate']} | {o['rows']} | `{o['path']}` |")
     sph = summary.get("sphering")
     lines += ["", f"Aggregation: {summary['aggregation']}.", ""]
+    for plate, c in (summary.get("constant_features") or {}).items():
+        lines += [f"Constant features on plate {plate}: {c['n_features']}"
+                  + (f" (empty channels: {', '.join(c['channels'])})" if c["channels"] else "")
+                  + (" - dropped." if summary.get("dropped_constant_features") else
+                     " - kept; `--drop-constant` removes them (pycytominer's spherize divides by their variance)."),
+                  ""]
     lines += sphering_lines(sph)
     if len(skipped):
         lines += ["## Skipped", "", f"{len(skipped)} input(s); see `skipped.csv`.", ""]

@@ -17,7 +17,8 @@ from .zarr_plate import split_well
 
 log = logging.getLogger(__name__)
 
-_WELL_ALIASES = ("Metadata_Well", "Well", "well", "well_position", "Metadata_well_position", "WellName")
+_WELL_ALIASES = ("Metadata_Well", "Well", "well", "well_position", "Metadata_well_position", "Metadata_Well_Position",
+                 "WellName")
 _PLATE_ALIASES = ("Metadata_Plate", "Plate", "plate", "Assay_Plate_Barcode", "Metadata_Assay_Plate_Barcode")
 
 

@@ -45,18 +45,20 @@ def write_parquet(table: pa.Table | pd.DataFrame, path: str | os.PathLike, prove
     """Write atomically (temporary file, then rename), so a reader never sees half a file.
 
     ``provenance`` is stored as JSON in the schema metadata under ``microsnoop_ray``
-    and read back by :func:`read_provenance`.
+    and read back by :func:`read_provenance`. The pandas and Arrow-schema footer keys are
+    left out: they repeat every column name (for 768 features, most of a small file) and
+    carry nothing a reader of these plain tables (no index, no categoricals) needs.
     """
     if isinstance(table, pd.DataFrame):
         table = pa.Table.from_pandas(table, preserve_index=False)
-    if provenance is not None:
-        md = dict(table.schema.metadata or {})
-        md[SCHEMA_KEY] = json.dumps(provenance, default=str).encode()
-        table = table.replace_schema_metadata(md)
+    table = table.replace_schema_metadata(None)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp)
+    with pq.ParquetWriter(tmp, table.schema, store_schema=False) as writer:
+        writer.write_table(table)
+        if provenance is not None:
+            writer.add_key_value_metadata({SCHEMA_KEY: json.dumps(provenance, default=str).encode()})
     os.replace(tmp, path)
     return path
 
