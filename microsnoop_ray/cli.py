@@ -188,7 +188,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 _PROFILE_FLAGS = ("platemap", "batch", "weights", "mode", "segmenter", "cellpose_model", "diameter", "nuclei_channel",
                   "labels", "rescale_constant", "border", "normalization", "max_cells_per_site", "cell_table",
-                  "aggregation", "batch_size", "encoder_actors", "crop_actors", "device", "compile", "retry_skipped")
+                  "aggregation", "batch_size", "encoder_actors", "crop_actors", "device", "compile", "retry_skipped",
+                  "drop_constant", "illum")
 
 
 def profile_options(args: argparse.Namespace) -> dict:
@@ -387,6 +388,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    for f in export(args.out, args.format, args.to, args.level, args.pca, args.pca_fit):
+        print(f)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="microsnoop-ray", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -513,6 +522,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     pr.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     pr.add_argument("--retry-skipped", dest="retry_skipped", action="store_true", default=None)
+    pr.add_argument("--illum", default=None, metavar="none|compute|FOLDER",
+                    help="illumination correction before segmentation: compute (per plate and channel, as "
+                         "CellProfiler, written to OUT/illum) or a folder of <plate>/<plate>_Illum<Channel>.npy")
+    pr.add_argument("--drop-constant", dest="drop_constant", action="store_true", default=None,
+                    help="remove features constant over a plate (an empty channel) from the profiles")
     pr.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded Ray)")
     pr.add_argument("--num-cpus", dest="num_cpus", type=int, default=None, help="embedded Ray: CPUs (default all)")
     pr.add_argument("--object-store-mb", dest="object_store_mb", type=int, default=None)
@@ -598,6 +612,16 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--results", type=Path, default=Path("evaluation"))
     rp.add_argument("--out", type=Path, default=None, help="default: the results folder")
     rp.set_defaults(func=_cmd_report)
+
+    ex = sub.add_parser("export", help="export a profiling run as AnnData .h5ad or one single-cell Parquet per plate")
+    ex.add_argument("out", type=Path, help="the output folder of `microsnoop-ray profile`")
+    ex.add_argument("--format", required=True, choices=("h5ad", "plate-parquet"))
+    ex.add_argument("--level", choices=("cells", "wells", "treatments"), default="cells")
+    ex.add_argument("--pca", type=int, default=None, help="reduce to N principal components (e.g. MUSE's latent size)")
+    ex.add_argument("--pca-fit", dest="pca_fit", choices=("all", "controls"), default="all",
+                    help="fit the PCA on every row or on the negative controls")
+    ex.add_argument("--to", type=Path, default=None, help="where to write (default: OUT/export)")
+    ex.set_defaults(func=_cmd_export)
     return p
 
 

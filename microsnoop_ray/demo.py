@@ -179,7 +179,7 @@ def separation(sites: pd.DataFrame, feats: list[str]) -> dict:
             "dmso_sites": int(dmso.sum())}
 
 
-def heldout_separation(out: Path, model_id: str, regularization: str = "mean-eigenvalue", epsilon: float | None = None,
+def heldout_separation(out: Path, model_id: str, regularization: str = "faithful", epsilon: float | None = None,
                        fit_on: str = "sites") -> dict:
     """DMSO/drug separation before and after per-plate sphering, on sites the fit did not see.
 
@@ -212,7 +212,7 @@ def heldout_separation(out: Path, model_id: str, regularization: str = "mean-eig
 
 
 def demo_bbbc021(out: Path, weights: Path | None, max_cells: int, num_cpus: int | None,
-                 regularization: str = "mean-eigenvalue", epsilon: float | None = None) -> dict:
+                 regularization: str = "faithful", epsilon: float | None = None) -> dict:
     """The BBBC021 mini-screen: 6 plates, DMSO in each, cycloheximide at 3 doses (pre-cropped cells)."""
     from .pipeline.plate_job import ProfileConfig, run_profile
     from .report import write_report

@@ -15,7 +15,10 @@ import torch
 
 from .errors import InputError
 from .model import MicrosnoopUNet, load_model, EMBED_DIM, INPUT_SIZE
-from .preprocess import pad_center, normalize_percentile
+from .preprocess import pad_center, normalize_percentile, pad_normalize_torch
+
+#: encoder arithmetic: fp32; TF32 matmuls and convolutions (CUDA); bf16 or fp16 autocast
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -100,6 +103,10 @@ class Encoder:
     device : str or torch.device, optional
     channels_last : bool
         Use the channels-last memory format (faster on CPU; see benchmarks/encoder.py).
+    precision : {"fp32", "tf32", "bf16", "fp16"}
+        ``tf32`` allows TF32 matmuls and convolutions on CUDA; ``bf16``/``fp16`` run the
+        encoder under autocast (the embedding is returned as float32). See
+        ``benchmarks/gpu_plate.py`` for their speed and their cosine to fp32.
     compile : bool
         Wrap the encoder in ``torch.compile``: on 2 CPU cores about 1.4x faster
         at 224 and 3x at 64 (benchmarks/encoder.py), after a one-off compile of
@@ -107,10 +114,18 @@ class Encoder:
         that the graph is compiled once, not once per batch size.
     """
 
-    def __init__(self, model=None, device=None, channels_last: bool = True, compile: bool = False):
+    def __init__(self, model=None, device=None, channels_last: bool = True, compile: bool = False,
+                 precision: str = "fp32"):
         if not isinstance(model, MicrosnoopUNet):
             model = load_model(model)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         self.device = resolve_device(device)
+        self.precision = precision
+        if precision == "tf32" and self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self._autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.model = model.eval().to(self.device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
@@ -128,14 +143,33 @@ class Encoder:
     @torch.inference_mode()
     def __call__(self, planes: np.ndarray) -> np.ndarray:
         """(n, 224, 224) float32 normalised planes -> (n, 256) float32 embeddings."""
-        n = len(planes)
         x = torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32))[:, None]
+        return self._forward(x.to(self.device, non_blocking=True))
+
+    @torch.inference_mode()
+    def embed_crops(self, crops, normalization: str = "default") -> np.ndarray:
+        """One-channel crops at their native size and dtype -> (n, 256) float32 embeddings.
+
+        Padding to 224 and the percentile normalisation run here, batched, in torch on the
+        encoder's device (:func:`~microsnoop_ray.preprocess.pad_normalize_torch`), equal to
+        the NumPy path of :func:`embed` within 1e-5.
+        """
+        if not len(crops):
+            return np.zeros((0, EMBED_DIM), np.float32)
+        x = pad_normalize_torch(crops, INPUT_SIZE, normalization, self.device,
+                                pin_memory=self.device.type == "cuda")
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> np.ndarray:
+        n = len(x)
         if self.compiled:
             self._fixed_batch = max(self._fixed_batch, n)
             if n < self._fixed_batch:  # eval-mode BatchNorm: padding rows do not affect the others
                 x = torch.cat([x, x.new_zeros((self._fixed_batch - n,) + tuple(x.shape[1:]))])
-        x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-        return self._fn(x)[:n].float().cpu().numpy()
+        x = x.contiguous(memory_format=self.memory_format)
+        with torch.autocast(self.device.type, dtype=self._autocast or torch.float32, enabled=self._autocast is not None):
+            out = self._fn(x)[:n]
+        return out.float().cpu().numpy()
 
 
 def embed(images, model=None, batch_size: int = 32, device=None, normalization: str = "default",

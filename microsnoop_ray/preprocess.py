@@ -97,3 +97,64 @@ def preprocess(images: np.ndarray, size: int = 224, mode: str = "default") -> np
     ndarray, shape (n, size, size), float32
     """
     return normalize_percentile(pad_center(images, size), mode=mode)
+
+
+def pad_normalize_torch(crops, size: int = 224, mode: str = "default", device=None, pin_memory: bool = False):
+    """:func:`preprocess` in torch, batched, on ``device``: crops at their native size and dtype in,
+    padded and percentile-normalised planes out. Equal to the NumPy path within 1e-5.
+
+    The crops travel to the device as one flat buffer (float32, pinned when asked, copied
+    without blocking) and are padded there, so a crop actor ships a 68 x 68 uint16 crop
+    (9 KiB) instead of a 224 x 224 float32 plane (196 KiB).
+
+    Parameters
+    ----------
+    crops : sequence of ndarray (h, w), any numeric dtype, h, w <= size
+    size : int
+    mode : {"default", "faithful"}
+        As :func:`normalize_percentile`.
+    device : torch.device or str, optional
+    pin_memory : bool
+        Stage the host buffer in pinned memory (for CUDA).
+
+    Returns
+    -------
+    torch.Tensor, shape (n, 1, size, size), float32, on ``device``
+    """
+    import torch
+
+    if mode not in NORMALIZATION_MODES:
+        raise ValueError(f"normalization mode must be one of {NORMALIZATION_MODES}, not {mode!r}")
+    device = torch.device(device or "cpu")
+    n = len(crops)
+    shapes = [np.shape(c) for c in crops]
+    for h, w in shapes:
+        if h > size or w > size:
+            raise ValueError(f"image of {h}x{w} is larger than {size}x{size}")
+    flat = np.concatenate([np.asarray(c, np.float32).ravel() for c in crops]) if n else np.zeros(0, np.float32)
+    buf = torch.from_numpy(flat)
+    if pin_memory and device.type == "cuda":
+        buf = buf.pin_memory()
+    buf = buf.to(device, non_blocking=True)
+    out = torch.zeros((n, size, size), dtype=torch.float32, device=device)
+    offset = 0
+    for i, (h, w) in enumerate(shapes):
+        top, left = (size - h) // 2, (size - w) // 2
+        out[i, top:top + h, left:left + w] = buf[offset:offset + h * w].view(h, w)
+        offset += h * w
+    x = out.view(n, -1)
+    q = torch.quantile(x.double(), torch.tensor([0.01, 0.99], dtype=torch.float64, device=device), dim=1)
+    lo, hi = q[0].float(), q[1].float()
+    vmin, vmax = x.min(dim=1).values, x.max(dim=1).values
+    constant = vmax == vmin
+    degenerate = (hi == lo) & ~constant
+    scale = hi - lo
+    one = torch.ones_like(scale)
+    if mode == "faithful":
+        scale = torch.where(degenerate, torch.full_like(scale, 1e-6), scale)
+        shift = torch.where(constant, torch.zeros_like(lo), lo)
+    else:
+        scale = torch.where(degenerate, torch.maximum(vmax - lo, lo - vmin), scale)
+        shift = lo
+    scale = torch.where(constant, one, scale)
+    return ((out - shift[:, None, None]) / scale[:, None, None])[:, None]

@@ -2,6 +2,7 @@
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -222,3 +223,144 @@ def test_load_data_csv_image_table_through_the_pipeline(ray_session, untrained_w
     wells = pd.read_parquet(next((tmp_path / "out").glob("profiles/*/default/TF/TF.parquet")))
     assert wells["Metadata_Well"].tolist() == ["O01", "O02"][:len(wells)] and summary["skipped"] + \
         summary["plates"]["TF"]["sites"] == 4
+
+
+def test_every_row_carries_its_annotations_model_and_provenance(profiled):
+    cfg, summary, out = profiled
+    from microsnoop_ray.io.write import SCHEMA_KEY, read_provenance
+    import pyarrow.parquet as pq
+
+    f = sorted(out.glob("embeddings/*/2026_demo/Transfluor/*/embeddings.parquet"))[0]
+    cells = pd.read_parquet(f)
+    model_id = summary["model_id"]
+    assert set(cells["Metadata_Model"]) == {model_id}
+    well = cells["Metadata_Well"].iloc[0]
+    pm = pd.read_csv(cfg.platemap).set_index("well_position")
+    assert set(cells["Metadata_pert_type"]) == {pm.loc[well, "pert_type"]}
+    assert set(cells["Metadata_Compound"]) == {pm.loc[well, "Compound"]}
+    wells = pd.read_parquet(next(out.glob("profiles/*/2026_demo/Transfluor/Transfluor.parquet")))
+    treat = pd.read_parquet(next(out.glob("profiles/*/treatments.parquet")))
+    assert set(wells["Metadata_Model"]) == set(treat["Metadata_Model"]) == {model_id}
+    prov = read_provenance(f)
+    assert prov["package"].startswith("microsnoop-ray ") and prov["segmenter_used"].startswith("classical:")
+    assert prov["inputs"][0]["path"] == str(Path(cfg.inputs[0]).resolve()) and prov["inputs"][0]["bytes"] > 0
+    assert len(prov["platemap"]["sha256"]) == 64 and prov["config"]["max_cells_per_site"] == 3
+    assert summary["provenance"]["platemap"] == prov["platemap"]
+    # footers: only our provenance; no pandas / Arrow schema copies of every column name
+    md = pq.read_schema(f).metadata
+    assert set(md) == {SCHEMA_KEY}
+    assert pq.ParquetFile(f).metadata.serialized_size < 40_000
+
+
+def test_pycytominer_and_copairs_run_on_the_outputs_with_the_documented_calls(profiled):
+    """The README's calls: pycytominer aggregate, annotate, normalize (standardize, spherize ZCA-cor),
+    feature_select and consensus, and copairs' average_precision, on the outputs of a real plate."""
+    from copairs.map import average_precision
+    from pycytominer import aggregate, annotate, consensus, feature_select, normalize
+
+    import microsnoop_ray
+
+    cfg, summary, out = profiled
+    cells = pd.concat([pd.read_parquet(f) for f in sorted(out.glob("embeddings/*/*/*/*/embeddings.parquet"))],
+                      ignore_index=True)
+    features = microsnoop_ray.feature_columns(cells)
+    assert len(features) == 256 and all(f.startswith("Microsnoop_") for f in features)
+    wells = aggregate(cells, strata=["Metadata_Plate", "Metadata_Well"], features=features, operation="median")
+    assert len(wells) == cells["Metadata_Well"].nunique()
+    platemap = pd.read_csv(cfg.platemap)
+    annotated = annotate(wells, platemap, join_on=["Metadata_well_position", "Metadata_Well"])
+    assert annotated["Metadata_pert_type"].notna().all()
+    std = normalize(annotated, features=features, samples="Metadata_pert_type == 'negcon'", method="standardize")
+    sph = normalize(annotated, features=features, samples="Metadata_pert_type == 'negcon'", method="spherize",
+                    spherize_method="ZCA-cor")
+    assert np.isfinite(std[features].to_numpy()).all() and np.isfinite(sph[features].to_numpy()).all()
+    selected = feature_select(std, features=features, operation=["variance_threshold", "correlation_threshold"])
+    kept = microsnoop_ray.feature_columns(selected)
+    assert 0 < len(kept) <= len(features)
+    cons = consensus(selected, replicate_columns=["Metadata_Compound", "Metadata_Concentration"], features=kept)
+    assert len(cons) == platemap[["Compound", "Concentration"]].drop_duplicates().shape[0]
+    meta = std[[c for c in std.columns if c.startswith("Metadata_")]].reset_index(drop=True)
+    ap = average_precision(meta, std[features].to_numpy(), pos_sameby=["Metadata_Compound"],
+                           pos_diffby=[], neg_sameby=[], neg_diffby=["Metadata_Compound"], progress_bar=False)
+    assert ap["average_precision"].between(0, 1).all() and len(ap) == len(std)
+
+
+def test_export_h5ad_and_plate_parquet(profiled, tmp_path):
+    """h5ad in AnnData's on-disk format (features only in X, metadata in obs, provenance in uns) and one
+    single-cell Parquet per plate; --pca records how it was fitted."""
+    import h5py
+
+    from microsnoop_ray.cli import main
+
+    cfg, summary, out = profiled
+    cells = pd.concat([pd.read_parquet(f) for f in sorted(out.glob("embeddings/*/*/*/*/embeddings.parquet"))],
+                      ignore_index=True)
+    assert main(["export", str(out), "--format", "h5ad", "--to", str(tmp_path)]) == 0
+    with h5py.File(tmp_path / "cells.h5ad") as f:
+        assert f.attrs["encoding-type"] == "anndata"
+        X = f["X"][:]
+        assert X.dtype == np.float32 and X.shape == (len(cells), 256)
+        np.testing.assert_array_equal(X, cells[[c for c in cells if c.startswith("Microsnoop_")]].to_numpy())
+        obs = f["obs"]
+        assert obs.attrs["encoding-type"] == "dataframe"
+        cols = list(obs.attrs["column-order"])
+        assert {"Plate", "Well", "Site", "Model", "pert_type", "Compound", "ObjectNumber"} <= set(cols)
+        assert obs["Site"].attrs["encoding-type"] == "array"  # numbers stay numbers
+        wells = obs["Well"]["categories"].asstr()[:][obs["Well"]["codes"][:]]
+        assert list(wells) == list(cells["Metadata_Well"])
+        assert [v.decode() for v in f["var"]["_index"][:]][:2] == ["Microsnoop_GFP_000", "Microsnoop_GFP_001"]
+        prov = json.loads(f["uns"]["provenance"][()])
+        assert prov["model_card"]["model_id"] == summary["model_id"] and "segmenter_used" in prov
+    assert main(["export", str(out), "--format", "plate-parquet", "--to", str(tmp_path)]) == 0
+    plate = pd.read_parquet(tmp_path / "Transfluor.parquet")
+    assert len(plate) == len(cells) and plate["Metadata_Plate"].eq("Transfluor").all()
+    assert main(["export", str(out), "--format", "h5ad", "--level", "wells", "--pca", "2", "--pca-fit", "controls",
+                 "--to", str(tmp_path)]) == 0
+    with h5py.File(tmp_path / "wells_pca2.h5ad") as f:
+        assert f["X"].shape[1] == 2
+        pca = json.loads(f["uns"]["pca"][()])
+        assert pca["fit_on"] == "controls" and pca["fit_rows"] == 3
+    assert main(["export", str(out), "--format", "h5ad", "--level", "wells", "--pca", "50", "--pca-fit",
+                 "controls", "--to", str(tmp_path)]) == 2  # 3 control wells cannot give 50 components
+
+
+def test_illumination_compute_then_folder(ray_session, transfluor_plate, untrained_weights, tmp_path):
+    """--illum compute writes the plate's functions and corrects every field before segmentation and
+    cropping; --illum FOLDER reads such files (Cell Painting Gallery names) into the same corrected fields."""
+    from microsnoop_ray.io.illum import correct, load_functions
+    from microsnoop_ray.io.write import read_provenance
+    from microsnoop_ray.pipeline.plate_job import Layout, list_work, prepare_illumination
+    from microsnoop_ray.pipeline.stages import read_item
+
+    plate, platemap = transfluor_plate
+    out = tmp_path / "illum-run"
+    cfg = ProfileConfig.from_mapping({"inputs": [str(plate)], "out": str(out), "platemap": str(platemap),
+                                      "weights": str(untrained_weights), "segmenter": "classical",
+                                      "max_cells_per_site": 2, "progress": False, "illum": "compute"})
+    summary = run_profile(cfg, progress_print=lambda *a: None)
+    func = out / "illum" / "Transfluor" / "Transfluor_IllumGFP.npy"
+    assert func.exists() and func.with_suffix(".png").exists()
+    assert summary["provenance"]["illumination"]["plates"]["Transfluor"]["fields"] == 24
+    f = sorted(out.glob("embeddings/*/*/Transfluor/*/embeddings.parquet"))[0]
+    assert read_provenance(f)["illumination"]["mode"] == "compute"
+    cells = pd.read_parquet(f)
+    well, site = cells["Metadata_Well"].iloc[0], int(cells["Metadata_Site"].iloc[0])
+    ref = next(r for r in open_plate(plate).fields() if (r.well, r.site) == (well, site))
+    image = correct(open_plate(plate).read(ref), load_functions([func]))
+    crops = [image[:, r.Metadata_Crop_Top:r.Metadata_Crop_Bottom, r.Metadata_Crop_Left:r.Metadata_Crop_Right]
+             for r in cells.itertuples()]
+    feats = cells[[c for c in cells if c.startswith("Microsnoop_")]].to_numpy()
+    np.testing.assert_allclose(feats, embed(crops, model=str(untrained_weights)), atol=1e-5)
+    # FOLDER: the same files, read by every field's read task
+    cfg2 = ProfileConfig.from_mapping({**cfg.to_dict(), "out": str(tmp_path / "other"), "illum": str(out / "illum")})
+    items, plates, _ = list_work(cfg2)
+    note = prepare_illumination(cfg2, items, plates, Layout(cfg2.out, "m"), progress_print=lambda *a: None)
+    assert note["mode"] == "folder" and note["plates"]["Transfluor"]["files"] == [str(func)]
+    row = read_item(next(i for i in items if (i["well"], i["site"]) == (well, site)))
+    np.testing.assert_array_equal(row["image"], image)
+    # a folder without this plate's files: the fields are refused with the file named
+    (tmp_path / "empty").mkdir()
+    cfg3 = ProfileConfig.from_mapping({**cfg2.to_dict(), "illum": str(tmp_path / "empty")})
+    items, plates, _ = list_work(cfg3)
+    prepare_illumination(cfg3, items, plates, Layout(cfg3.out, "m"), progress_print=lambda *a: None)
+    assert "Transfluor_IllumGFP.npy" in read_item(items[0])["error"]

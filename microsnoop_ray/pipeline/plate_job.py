@@ -78,7 +78,13 @@ class ProfileConfig:
     encode_resources: dict | None = None
     device: str = "auto"
     compile: bool = False
+    precision: str = "fp32"  # encoder arithmetic: fp32, tf32, bf16 or fp16 (see Encoder)
+    segment_gpu_share: float = 0.0  # share of each GPU for Cellpose in the crop actors (0: segment on CPUs)
+    fields_per_crop_batch: int = 1  # fields a crop actor segments together (Cellpose batches them)
+    encoder_batches_in_flight: int = 4  # batches queued per encoder actor (>= 2: the next arrives during compute)
     retry_skipped: bool = False
+    drop_constant: bool = False
+    illum: str = "none"  # "none", "compute" (per plate and channel, written under out/illum) or a folder
     progress: bool = True
     seed: int = 0
 
@@ -103,6 +109,11 @@ class ProfileConfig:
             raise ValueError(f"aggregation must be mean or median, not {cfg.aggregation!r}")
         if cfg.mode not in ("cells", "tiles", "rescale"):
             raise ValueError(f"mode must be cells, tiles or rescale, not {cfg.mode!r}")
+        if not 0.0 <= cfg.segment_gpu_share < 1.0:
+            raise ValueError(f"segment_gpu_share must lie in [0, 1), not {cfg.segment_gpu_share}")
+        from ..encode import PRECISIONS
+        if cfg.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {cfg.precision!r}")
         return cfg
 
     def to_dict(self) -> dict:
@@ -204,7 +215,7 @@ def _channel_index(value, channels: list, where) -> int:
 def _item(kind, plate, well, site, n_channels, **kw) -> dict:
     base = {"kind": kind, "plate": plate, "well": well, "site": int(site), "n_channels": int(n_channels),
             "path": "", "group": "", "files": "", "rows": "", "cells_meta": "", "nuclei_channel": 0,
-            "labels": ""}
+            "labels": "", "illum": ""}
     base.update(kw)
     return base
 
@@ -249,6 +260,108 @@ def _atomic_json(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+# --------------------------------------------------------------------------- provenance and annotations
+
+def _file_stamp(path: Path) -> dict:
+    """Size and modification time of an input (for a Zarr folder: of its root metadata file)."""
+    target = path
+    if path.is_dir():
+        target = next((path / n for n in ("zarr.json", ".zattrs") if (path / n).exists()), path)
+    st = target.stat()
+    return {"path": str(path.resolve()), "kind": "folder" if path.is_dir() else "file", "bytes": st.st_size,
+            "mtime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(st.st_mtime)),
+            **({"stamped": target.name} if target is not path else {})}
+
+
+def run_provenance(cfg: ProfileConfig, items: list[dict]) -> dict:
+    """What a reader of any output file needs to know how it was made (stored in every Parquet file)."""
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ..segment import describe_segmenter
+
+    try:
+        pkg = version("microsnoop-ray")
+    except PackageNotFoundError:  # a source checkout that was never installed
+        from .. import __version__ as pkg
+    kinds = {it["kind"] for it in items}
+    used = []
+    if kinds - {"cells"}:
+        used.append("supplied label images" if cfg.labels else
+                    describe_segmenter(cfg.segmenter, cfg.cellpose_model, cfg.diameter) if cfg.mode == "cells"
+                    else f"none ({cfg.mode} mode)")
+    if "cells" in kinds:
+        used.append("none (pre-cropped cell arrays)")
+    files = [_file_stamp(Path(p)) for p in cfg.inputs]
+    if cfg.cell_table:
+        files.append(_file_stamp(Path(cfg.cell_table)))
+    pm = None
+    if cfg.platemap:
+        pm = {"path": str(Path(cfg.platemap).resolve()),
+              "sha256": hashlib.sha256(Path(cfg.platemap).read_bytes()).hexdigest()}
+    return {"package": f"microsnoop-ray {pkg}", "segmenter_used": "; ".join(used), "inputs": files,
+            "platemap": pm, "config": cfg.to_dict()}
+
+
+def well_annotations(platemap: pd.DataFrame | None, plate: str, well: str, present) -> dict:
+    """The plate-map columns of one well (not those already in ``present``), for per-cell rows."""
+    if platemap is None:
+        return {}
+    rows = platemap[platemap["Metadata_Well"] == well]
+    if "Metadata_Plate" in platemap:
+        rows = rows[rows["Metadata_Plate"] == plate]
+    cols = [c for c in platemap.columns if c not in ("Metadata_Plate", "Metadata_Well") and c not in set(present)]
+    if rows.empty:
+        return {c: None for c in cols}
+    r = rows.iloc[0]
+    return {c: (None if pd.isna(r[c]) else r[c]) for c in cols}
+
+
+def prepare_illumination(cfg: ProfileConfig, items: list[dict], plates: dict[str, PlateInfo], layout: Layout,
+                         progress_print=print) -> dict | None:
+    """Point every field at its plate's illumination functions, computing them first for ``illum: compute``.
+
+    ``compute`` reads every field of a plate once (a running sum per channel) and writes
+    ``<out>/illum/<plate>/<plate>_Illum<Channel>.npy`` with a PNG each; a rerun reuses the files.
+    A folder holds such files (Cell Painting Gallery layout); a missing one skips the plate's sites
+    with a reason naming the file. Returns what was done, for the provenance (None: no correction).
+    """
+    from ..io.illum import IllumAccumulator, illum_paths, save_functions
+
+    if cfg.illum in (None, "", "none"):
+        return None
+    if any(it["kind"] == "cells" for it in items):
+        raise InputError("--illum", "illumination correction applies to whole fields, not to pre-cropped cell arrays")
+    compute = cfg.illum == "compute"
+    folder = layout.root / "illum" if compute else Path(cfg.illum)
+    if not compute and not folder.is_dir():
+        raise InputError(folder, "illumination folder does not exist (expected <folder>/<plate>/<plate>_Illum<Channel>.npy)")
+    note = {"mode": "compute" if compute else "folder", "folder": str(folder.resolve()), "plates": {}}
+    for plate, info in sorted(plates.items()):
+        paths = illum_paths(folder, plate, info.channels)
+        mine = [it for it in items if it["plate"] == plate]
+        fields = None
+        if compute and not all(p.exists() for p in paths):
+            t0 = time.perf_counter()
+            acc, refused = IllumAccumulator(), 0
+            for it in mine:
+                row = read_item(it)
+                try:
+                    if row["error"]:
+                        raise InputError(it["plate"], row["error"])
+                    acc.add(row["image"])
+                except InputError:
+                    refused += 1  # the site itself is skipped with its reason by the pipeline
+            save_functions(folder, plate, info.channels, acc.functions())
+            fields = acc.n
+            progress_print(f"  {plate}: illumination functions from {acc.n} field(s) ({refused} unreadable or "
+                           f"of another shape) in {time.perf_counter() - t0:.1f} s -> {paths[0].parent}")
+        note["plates"][plate] = {"files": [str(p) for p in paths], **({"fields": fields} if fields else {})}
+        for it in mine:
+            it["illum"] = json.dumps([str(p) for p in paths])
+    return note
+
+
 # --------------------------------------------------------------------------- running it
 
 def run_profile(cfg: ProfileConfig, progress_print=print) -> dict:
@@ -266,6 +379,7 @@ def run_profile(cfg: ProfileConfig, progress_print=print) -> dict:
     model_id = card.model_id if card else "microsnoop-unknown"
     layout = Layout(cfg.out, model_id)
     items, plates, problems = list_work(cfg)
+    illumination = prepare_illumination(cfg, items, plates, layout, progress_print)
     save_config({**cfg.to_dict(), "model_id": model_id}, layout.root / "run_config.yaml")
     batch_of = {p: info.batch for p, info in plates.items()}
     todo = [it for it in items if not site_done(layout, batch_of[it["plate"]], it["plate"], it["well"], it["site"],
@@ -278,16 +392,19 @@ def run_profile(cfg: ProfileConfig, progress_print=print) -> dict:
     progress_print(f"microsnoop-ray profile: {len(plates)} plate(s), {len(items)} work item(s); "
                    f"{n_sites_todo} site(s) to do, {sum(len(p.sites) for p in plates.values()) - n_sites_todo} "
                    f"already done")
+    platemap = read_platemap(cfg.platemap) if cfg.platemap else None
     provenance = {"model_card": card.to_dict() if card else None, "mode": cfg.mode, "segmenter": cfg.segmenter,
                   "normalization": cfg.normalization, "rescale_constant": cfg.rescale_constant,
-                  "border": cfg.border, "max_cells_per_site": cfg.max_cells_per_site}
+                  "border": cfg.border, "max_cells_per_site": cfg.max_cells_per_site,
+                  **run_provenance(cfg, items), "illumination": illumination}
     counts = {"sites_written": 0, "sites_skipped": 0}
 
     def write_site(plate, well, site, cells: pd.DataFrame, dropped: list | None = None) -> None:
         batch = batch_of[plate]
         row, col = split_well(well)
         meta = pd.DataFrame({"Metadata_Batch": batch, "Metadata_Plate": plate, "Metadata_Well": well,
-                             "Metadata_Row": row, "Metadata_Column": col, "Metadata_Site": site},
+                             "Metadata_Row": row, "Metadata_Column": col, "Metadata_Site": site,
+                             "Metadata_Model": model_id, **well_annotations(platemap, plate, well, cells.columns)},
                             index=cells.index)
         table = pd.concat([meta, cells], axis=1)
         d = layout.site_dir(batch, plate, well, site)
@@ -316,7 +433,7 @@ def run_profile(cfg: ProfileConfig, progress_print=print) -> dict:
         if collector.incomplete():
             raise RuntimeError(f"{len(collector.incomplete())} site(s) did not receive all their planes: "
                                f"{collector.incomplete()[:5]}")
-    summary = postprocess(cfg, plates, layout, problems, provenance)
+    summary = postprocess(cfg, plates, layout, problems, provenance, platemap)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     summary["this_run"] = counts
     _atomic_json(summary, layout.root / "summary.json")
@@ -358,18 +475,29 @@ def build_dataset(cfg: ProfileConfig, items: list[dict]):
              cfg.crop_cpus, n_enc, "1 GPU" if use_gpu else f"{enc_cpus} CPU", read_cpus)
     options = {k: getattr(cfg, k) for k in ("mode", "segmenter", "cellpose_model", "diameter", "rescale_constant",
                                             "border", "tile_overlap", "normalization", "max_cells_per_site", "seed")}
+    crop_res = {"num_cpus": cfg.crop_cpus}
+    enc_gpus = 1.0
+    if use_gpu and cfg.segment_gpu_share > 0:
+        # Cellpose shares each GPU with its encoder actor: the crop actors split the share between them
+        per_gpu = max(1, -(-n_crop // int(gpus)))
+        crop_res["num_gpus"] = cfg.segment_gpu_share / per_gpu
+        enc_gpus = 1.0 - cfg.segment_gpu_share
+        options["gpu"] = True
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
     ds = ds.map(read_item, num_cpus=read_cpus)
-    ds = ds.map_batches(CropStage, fn_constructor_args=(options,), batch_size=1, batch_format="numpy",
-                        compute=ActorPoolStrategy(min_size=1, max_size=n_crop), num_cpus=cfg.crop_cpus,
+    ds = ds.map_batches(CropStage, fn_constructor_args=(options,), batch_size=cfg.fields_per_crop_batch,
+                        batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=n_crop), **crop_res,
                         **({"resources": dict(cfg.crop_resources)} if cfg.crop_resources else {}))
-    enc_res = {"num_gpus": 1} if use_gpu else {"num_cpus": enc_cpus}
+    enc_res = {"num_gpus": enc_gpus} if use_gpu else {"num_cpus": enc_cpus}
     if cfg.encode_resources:
         enc_res["resources"] = dict(cfg.encode_resources)
     ds = ds.map_batches(EncodeStage, fn_constructor_kwargs={"weights": cfg.weights, "device": "cuda" if use_gpu
                                                             else "cpu", "threads": cfg.encoder_threads,
-                                                            "compile": cfg.compile},
-                        batch_size=cfg.batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=n_enc),
+                                                            "compile": cfg.compile,
+                                                            "normalization": cfg.normalization,
+                                                            "precision": cfg.precision},
+                        batch_size=cfg.batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=n_enc, max_tasks_in_flight_per_actor=max(
+                            2, cfg.encoder_batches_in_flight)),
                         **enc_res)
     return ds, {"crop_actors": n_crop, "encoder_actors": n_enc}
 
@@ -402,12 +530,13 @@ def read_sites(layout: Layout, plates: dict[str, PlateInfo], method: str = "mean
 
 
 def postprocess(cfg: ProfileConfig, plates: dict[str, PlateInfo], layout: Layout, problems: list[dict],
-                provenance: dict) -> dict:
+                provenance: dict, platemap: pd.DataFrame | None = None) -> dict:
     """Site -> well aggregation, plate map, sphering, treatments; writes every profile file."""
     sites, skipped = read_sites(layout, plates, cfg.aggregation)
     skipped = problems + skipped
     summary = {"model_id": layout.model_id, "out": str(layout.root), "plates": {}, "outputs": [],
-               "aggregation": cfg.aggregation, "sphering": None}
+               "aggregation": cfg.aggregation, "sphering": None,
+               "provenance": {k: v for k, v in provenance.items() if k != "model_card"}}
     if sites.empty:
         _write_skipped(skipped, layout)
         summary["plates"] = {p: {"wells": 0, "sites": 0, "cells": 0, "sites_skipped": len(i.sites)}
@@ -418,9 +547,21 @@ def postprocess(cfg: ProfileConfig, plates: dict[str, PlateInfo], layout: Layout
                       cfg.aggregation)
     n_sites = sites.groupby(["Metadata_Plate", "Metadata_Well"]).size().rename("Metadata_Site_Count").reset_index()
     wells = wells.merge(n_sites, on=["Metadata_Plate", "Metadata_Well"], how="left")
-    platemap = read_platemap(cfg.platemap) if cfg.platemap else None
     wells, map_problems = join_platemap(wells, platemap)
+    wells = wells.drop(columns=["Metadata_Model"], errors="ignore")
+    wells.insert(3, "Metadata_Model", layout.model_id)
     skipped += [dict(p, Metadata_Site=None, kind="plate map") for p in map_problems]
+    constant = constant_features(sites, plates)
+    summary["constant_features"] = constant
+    for plate, c in constant.items():
+        log.warning("plate %s: %d feature(s) are constant over its sites%s%s", plate, c["n_features"],
+                    f" (channels {', '.join(c['channels'])} are empty)" if c["channels"] else "",
+                    "; dropped (--drop-constant)" if cfg.drop_constant else
+                    "; pass --drop-constant to remove them before pycytominer")
+    if cfg.drop_constant and constant:
+        drop = sorted(set().union(*(c["features"] for c in constant.values())))
+        wells = wells.drop(columns=drop)
+        summary["dropped_constant_features"] = len(drop)
     feats = feature_columns(wells)
     wells = wells[[c for c in wells.columns if c not in feats] + feats]
     prov = {**provenance, "aggregation": f"cell->site {cfg.aggregation}, site->well {cfg.aggregation}"}
@@ -453,6 +594,8 @@ def postprocess(cfg: ProfileConfig, plates: dict[str, PlateInfo], layout: Layout
     keys = [k for k in cfg.treatment_keys if k in final.columns]
     if keys and len(keys) == len(cfg.treatment_keys):
         treat = treatment_profiles(final, keys, cfg.aggregation)
+        treat = treat.drop(columns=["Metadata_Model"], errors="ignore")
+        treat.insert(len(keys), "Metadata_Model", layout.model_id)
         path = write_parquet(treat, layout.treatments(), {**prov, "level": "treatment", "keys": keys,
                                                           "sphering": summary["sphering"]})
         summary["outputs"].append({"level": "treatment", "plate": "all", "path": str(path.relative_to(layout.root)),
@@ -506,6 +649,27 @@ def _sphere(cfg: ProfileConfig, wells: pd.DataFrame, layout: Layout, plates: dic
         for f in fits:
             f["fallback_from"] = sph["scope"]
         return out, fits
+
+
+def constant_features(sites: pd.DataFrame, plates: dict[str, PlateInfo]) -> dict:
+    """Per plate: the features constant over its site profiles, and the channels all of whose features are.
+
+    Returns ``{plate: {"n_features", "features", "channels"}}`` for the plates that have any (an empty
+    channel gives 256 constant features; pycytominer's spherize divides by their zero variance).
+    """
+    out = {}
+    feats = feature_columns(sites)
+    for plate, sub in sites.groupby("Metadata_Plate", sort=True):
+        if len(sub) < 2:
+            continue
+        const = [f for f, sd in zip(feats, sub[feats].to_numpy(np.float64).std(axis=0)) if sd == 0]
+        if not const:
+            continue
+        chans = [ch for ch in plates[plate].channels
+                 if all(f in set(const) for f in feats if f.startswith(f"Microsnoop_{ch}_"))
+                 and any(f.startswith(f"Microsnoop_{ch}_") for f in feats)]
+        out[plate] = {"n_features": len(const), "features": const, "channels": chans}
+    return out
 
 
 def _write_skipped(skipped: list[dict], layout: Layout) -> None:

@@ -2,8 +2,9 @@
 
 Data flow, one row per *work item* (a field of view, or a chunk of pre-cropped cells):
 
-``read_item`` (task) -> ``CropStage`` (CPU actor: segment, crop, pad, normalise; one row
-per one-channel plane) -> ``EncodeStage`` (encoder actor: plane -> 256 features) ->
+``read_item`` (task) -> ``CropStage`` (CPU actor: segment and crop; one row per one-channel
+crop at its native size and dtype) -> ``EncodeStage`` (encoder actor: pad, normalise and
+encode on its device; crop -> 256 features) ->
 :class:`SiteCollector` on the driver, which writes every site as soon as all its planes
 have arrived.
 
@@ -26,11 +27,11 @@ import pandas as pd
 
 from ..errors import InputError
 from ..model import EMBED_DIM, INPUT_SIZE
-from ..preprocess import normalize_percentile, pad_center
 
 log = logging.getLogger(__name__)
 
 PLANE, SKIP, DROP = 0, 1, 2  # a plane; a whole site skipped; one cell left out
+CROP_COLUMNS = ("crop", "crop_h", "crop_w", "crop_dtype")
 _OBJECT_COLUMNS = ["Metadata_ObjectNumber", "Metadata_Location_Center_X", "Metadata_Location_Center_Y",
                    "Metadata_Object_Area", "Metadata_Crop_Top", "Metadata_Crop_Bottom", "Metadata_Crop_Left",
                    "Metadata_Crop_Right"]
@@ -85,6 +86,9 @@ def read_item(item: dict) -> dict:
             image = np.ascontiguousarray(cell_array(item["path"])[rows])
         else:
             raise ValueError(f"unknown item kind {item['kind']!r}")
+        if item.get("illum"):
+            from ..io.illum import correct, load_functions
+            image = correct(image, load_functions(json.loads(item["illum"])))
         n_channels = int(item["n_channels"])
         got = image.shape[0] if item["kind"] != "cells" else (image.shape[1] if image.ndim == 4 else 1)
         if got != n_channels:
@@ -100,17 +104,38 @@ def read_item(item: dict) -> dict:
 # --------------------------------------------------------------------------- crop (CPU actors)
 
 def _plane_rows(item: dict, objects: pd.DataFrame, crops: np.ndarray, site_planes: int | None = None,
-                sites: np.ndarray | None = None, normalization: str = "default") -> dict:
-    """One output row per (object, channel) plane, padded and normalised."""
+                sites: np.ndarray | None = None, dtype=None) -> dict:
+    """One output row per (object, channel) plane, the crop at its native size (compact hand-off).
+
+    ``crops`` (m, c, h, w) may be cell-region windows zero-padded to 224 (fields): each is cut back
+    to its window (``Metadata_Crop_*``), exactly what :func:`~microsnoop_ray.preprocess.pad_center`
+    padded. Planes travel as raw bytes (``crop``, with ``crop_h``, ``crop_w``, ``crop_dtype``) in
+    ``dtype`` (the source's, when it holds the values exactly); the encoder pads and normalises them.
+    """
     m, c = crops.shape[:2]
-    planes = normalize_percentile(pad_center(crops.reshape((m * c,) + crops.shape[2:]).astype(np.float32),
-                                             INPUT_SIZE), mode=normalization)
-    n = m * c
     obj = objects.reset_index(drop=True)
     cols = {}
     for k in _OBJECT_COLUMNS:
         vals = obj[k].to_numpy(np.float64) if k in obj else np.full(m, np.nan)
         cols[k] = np.repeat(vals, c)
+    dtype = np.dtype(dtype or crops.dtype)
+    if dtype.kind in "ui" and crops.dtype != dtype:
+        dtype = dtype if np.array_equal(crops, crops.astype(dtype)) else np.dtype(np.float32)
+    padded = crops.shape[-2:] == (INPUT_SIZE, INPUT_SIZE) and "Metadata_Crop_Top" in obj
+    data, hs, ws = [], [], []
+    for i in range(m):
+        crop = crops[i]
+        if padded and np.isfinite(obj.loc[i, ["Metadata_Crop_Top", "Metadata_Crop_Bottom"]].to_numpy(float)).all():
+            h = int(obj.at[i, "Metadata_Crop_Bottom"] - obj.at[i, "Metadata_Crop_Top"])
+            w = int(obj.at[i, "Metadata_Crop_Right"] - obj.at[i, "Metadata_Crop_Left"])
+            top, left = (INPUT_SIZE - h) // 2, (INPUT_SIZE - w) // 2
+            crop = crop[:, top:top + h, left:left + w]
+        crop = np.ascontiguousarray(crop, dtype=dtype)
+        for ch in range(c):
+            data.append(crop[ch].tobytes())
+            hs.append(crop.shape[-2])
+            ws.append(crop.shape[-1])
+    n = m * c
     if sites is None:
         sites = np.full(m, int(item["site"]))
     return {
@@ -119,8 +144,16 @@ def _plane_rows(item: dict, objects: pd.DataFrame, crops: np.ndarray, site_plane
         "kind": np.full(n, PLANE, np.int64),
         "site_planes": np.repeat(site_planes, c) if isinstance(site_planes, np.ndarray)
         else np.full(n, n if site_planes is None else site_planes, np.int64),
-        "reason": np.full(n, "", dtype=object), "count": np.ones(n, np.int64), **cols, "plane": planes,
+        "reason": np.full(n, "", dtype=object), "count": np.ones(n, np.int64), **cols,
+        "crop": np.array(data, dtype=object), "crop_h": np.array(hs, np.int64), "crop_w": np.array(ws, np.int64),
+        "crop_dtype": np.full(n, dtype.str, dtype=object),
     }
+
+
+def crops_of(batch: dict) -> list[np.ndarray]:
+    """The (h, w) crops of a batch's rows, from their bytes (zero-copy views)."""
+    return [np.frombuffer(b, dtype=np.dtype(d)).reshape(int(h), int(w))
+            for b, d, h, w in zip(batch["crop"], batch["crop_dtype"], batch["crop_h"], batch["crop_w"])]
 
 
 def _skip_row(item: dict, reason: str, kind: int = SKIP, count: int = 1, site_planes: int = 1,
@@ -131,7 +164,8 @@ def _skip_row(item: dict, reason: str, kind: int = SKIP, count: int = 1, site_pl
     for k in _OBJECT_COLUMNS:
         row[k] = np.array([np.nan])
     row["Metadata_ObjectNumber"] = np.array([float(object_number)])
-    row["plane"] = np.zeros((1, INPUT_SIZE, INPUT_SIZE), np.float32)
+    row.update(crop=np.array([b""], dtype=object), crop_h=np.array([0]), crop_w=np.array([0]),
+               crop_dtype=np.array(["<f4"], dtype=object))
     return row
 
 
@@ -168,7 +202,7 @@ class CropStage:
         if self._segment is None:
             from ..segment import make_segmenter
             self._segment, _ = make_segmenter(self.o.get("segmenter", "auto"), self.o.get("cellpose_model"),
-                                              float(self.o.get("diameter", 30.0)))
+                                              float(self.o.get("diameter", 30.0)), gpu=bool(self.o.get("gpu")))
         return self._segment
 
     def _subsample(self, n: int, key: str) -> np.ndarray:
@@ -189,7 +223,7 @@ class CropStage:
         where = f"plate {item['plate']}, well {item['well']}, site {item['site']}"
         mode = self.o.get("mode", "cells")
         labels = item.get("labels")
-        if mode == "cells" and (labels is None or getattr(labels, "size", 0) == 0):
+        if self._needs_segmentation(item):
             if image.dtype.kind in "uif" and np.isfinite(image).all() and image.max() > image.min():
                 labels = self.segmenter()([np.asarray(image[int(item["nuclei_channel"])], np.float32)])[0]
             else:
@@ -203,8 +237,7 @@ class CropStage:
         if "Metadata_ObjectNumber" not in objects:
             objects = objects.assign(Metadata_ObjectNumber=np.arange(1, len(prep.crops) + 1))
         keep = self._subsample(len(prep.crops), site_key(item["plate"], item["well"], item["site"]))
-        return _plane_rows(item, objects.iloc[keep], prep.crops[keep], normalization=self.o.get("normalization",
-                                                                                                 "default"))
+        return _plane_rows(item, objects.iloc[keep], prep.crops[keep], dtype=image.dtype)
 
     def _cells(self, item: dict, cells: np.ndarray) -> dict:
         meta = pd.DataFrame(json.loads(item["cells_meta"]))
@@ -225,23 +258,32 @@ class CropStage:
         cells = cells[good]
         if len(cells):
             rows.append(_plane_rows(item, meta, cells, site_planes=meta["site_planes"].to_numpy(np.int64),
-                                    sites=meta["Metadata_Site"].to_numpy(), normalization=self.o.get("normalization",
-                                                                                                     "default")))
+                                    sites=meta["Metadata_Site"].to_numpy()))
             rows[-1]["well"] = np.repeat(meta["Metadata_Well"].to_numpy(object), cells.shape[1])
         return _concat(rows)
 
+    def _needs_segmentation(self, item: dict) -> bool:
+        labels = item.get("labels")
+        return (not item.get("error") and item["kind"] != "cells" and self.o.get("mode", "cells") == "cells"
+                and (labels is None or getattr(labels, "size", 0) == 0))
+
     def __call__(self, batch: dict) -> dict:
-        n = len(batch["plate"])
-        rows = []
-        for i in range(n):
-            rows.append(self.process({k: v[i] for k, v in batch.items()}))
-        return _concat(rows)
+        """Several fields at once: their nuclei channels go through the segmenter in one call (Cellpose
+        batches fields of equal size through the network together, on the GPU when it has one)."""
+        items = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["plate"]))]
+        todo = [it for it in items if self._needs_segmentation(it) and it["image"].dtype.kind in "uif"
+                and np.isfinite(it["image"]).all() and it["image"].max() > it["image"].min()]
+        if len(todo) > 1:
+            masks = self.segmenter()([np.asarray(it["image"][int(it["nuclei_channel"])], np.float32) for it in todo])
+            for it, lab in zip(todo, masks):
+                it["labels"] = lab
+        return _concat([self.process(it) for it in items])
 
 
 # --------------------------------------------------------------------------- encode (actor pool)
 
 class EncodeStage:
-    """Runs the encoder on normalised planes; the model is loaded once per actor.
+    """Pads, normalises and encodes the crops on the encoder's device; the model is loaded once per actor.
 
     Parameters
     ----------
@@ -252,10 +294,14 @@ class EncodeStage:
         Torch threads (default: the CPUs of this node).
     compile : bool
         ``torch.compile`` the encoder (worth it for long runs; see benchmarks/encoder.py).
+    normalization : {"default", "faithful"}
+        The percentile normalisation's degenerate-case rule (``preprocess.normalize_percentile``).
+    precision : {"fp32", "tf32", "bf16", "fp16"}
+        See :class:`~microsnoop_ray.encode.Encoder`.
     """
 
     def __init__(self, weights: str | None = None, device: str = "auto", threads: int | None = None,
-                 compile: bool = False):
+                 compile: bool = False, normalization: str = "default", precision: str = "fp32"):
         import torch
 
         from ..encode import Encoder
@@ -263,18 +309,22 @@ class EncodeStage:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu":
             torch.set_num_threads(int(threads or len(os.sched_getaffinity(0))))
-        self.encoder = Encoder(weights, device=device, compile=compile)
+        self.encoder = Encoder(weights, device=device, compile=compile, precision=precision)
+        self.normalization = normalization
 
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()
-        planes = batch.pop("plane")
-        feats = np.zeros((len(planes), EMBED_DIM), np.float32)
+        n = len(batch["kind"])
+        feats = np.zeros((n, EMBED_DIM), np.float32)
         real = batch["kind"] == PLANE
         if real.any():
-            feats[real] = self.encoder(planes[real])
+            feats[real] = self.encoder.embed_crops(crops_of({k: batch[k][real] for k in CROP_COLUMNS}),
+                                                   self.normalization)
+        for k in CROP_COLUMNS:
+            batch.pop(k)
         batch["features"] = feats
         # the actor's busy time, spread over the rows (the driver sums it: encoder utilisation)
-        batch["encode_seconds"] = np.full(len(planes), (time.perf_counter() - t0) / max(1, len(planes)))
+        batch["encode_seconds"] = np.full(n, (time.perf_counter() - t0) / max(1, n))
         return batch
 
 

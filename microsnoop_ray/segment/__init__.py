@@ -14,15 +14,26 @@ from .classical import segment_classical
 from .cellpose_backend import CellposeSegmenter, convert_cellpose_weights, resolve_cellpose_weights
 
 __all__ = ["segment_classical", "CellposeSegmenter", "convert_cellpose_weights", "resolve_cellpose_weights",
-           "make_segmenter"]
+           "make_segmenter", "describe_segmenter"]
 
 
-def make_segmenter(method: str = "auto", cellpose_model=None, diameter: float = 30.0, batch_size: int = 8):
+def describe_segmenter(method: str = "auto", cellpose_model=None, diameter: float = 30.0) -> str:
+    """What :func:`make_segmenter` will use for these options, without loading any network
+    (``auto`` resolved to Cellpose or the classical fallback)."""
+    if method in ("auto", "cellpose"):
+        weights = resolve_cellpose_weights(cellpose_model, required=(method == "cellpose"))
+        if weights is not None:
+            return f"cellpose:{weights.name}:diameter={diameter}"
+    return f"classical:otsu-watershed:diameter={diameter}"
+
+
+def make_segmenter(method: str = "auto", cellpose_model=None, diameter: float = 30.0, batch_size: int = 8,
+                   gpu: bool = False):
     """Build a callable ``list of (H, W) planes -> list of label images``.
 
     ``method="auto"`` uses Cellpose when weights are available and the classical
-    segmenter otherwise (logged as a warning). Returns ``(callable, description)``;
-    the description is recorded in the output metadata.
+    segmenter otherwise (logged as a warning). ``gpu`` runs Cellpose on CUDA when there is a
+    device. Returns ``(callable, description)``; the description is recorded in the output metadata.
     """
     import logging
 
@@ -32,8 +43,8 @@ def make_segmenter(method: str = "auto", cellpose_model=None, diameter: float = 
     if method in ("auto", "cellpose"):
         weights = resolve_cellpose_weights(cellpose_model, required=(method == "cellpose"))
         if weights is not None:
-            seg = CellposeSegmenter(weights, diameter=diameter, batch_size=batch_size)
-            return seg, f"cellpose:{weights.name}:diameter={diameter}"
+            seg = CellposeSegmenter(weights, diameter=diameter, batch_size=batch_size, gpu=gpu)
+            return seg, describe_segmenter(method, cellpose_model, diameter)
         log.warning("no Cellpose weights available (pass --cellpose-model FILE); "
                     "falling back to the classical segmenter (Otsu + watershed)")
     return (lambda planes: [segment_classical(p, diameter=diameter) for p in planes]), \
