@@ -26,7 +26,8 @@ Cellpose runs with its network's architecture at a seeded random initialisation 
 file is given (``--cellpose-weights``): speed does not depend on the weights, but the masks of such a
 network are not meaningful, and the JSON says which it was.
 
-On this CPU: ``python benchmarks/gpu_plate.py --data .devdata --device cpu --cells 480 --fields 2``.
+On this CPU (no compile; a smoke run, not a measurement):
+``python benchmarks/gpu_plate.py --data .devdata --device cpu --cells 240 --fields 1 --seconds 1``.
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def matmul_peaks(device) -> dict:
             a @ b
         sync(device)
         out[name] = 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
-    return {k: round(v, 2) for k, v in out.items()}
+    return {k: round(v, 5) for k, v in out.items()}
 
 
 def bare_encoder(model, device, size: int, batch: int, precision: str, seconds: float) -> float:
@@ -103,7 +104,7 @@ def bare_encoder(model, device, size: int, batch: int, precision: str, seconds: 
     from microsnoop_ray.encode import Encoder
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
-    enc = Encoder(model, device=device, compile=True, precision=precision)
+    enc = Encoder(model, device=device, compile=device.type == "cuda", precision=precision)
     x = torch.rand(batch, 1, size, size, device=device)
     for _ in range(3):
         enc._forward(x)
@@ -214,9 +215,9 @@ def main() -> None:
         for size in (224, 64):
             ips = bare_encoder(model, device, size, batch, p, seconds)
             row[f"images_per_s_{size}"] = round(ips, 1)
-            row[f"tflops_{size}"] = round(ips * GFLOP[size] / 1e3, 2)
-        row["fraction_of_bf16_peak_224"] = round(row["tflops_224"] / peaks["bf16"], 3)
-        row["fraction_of_fp32_peak_224"] = round(row["tflops_224"] / peaks["fp32"], 3)
+            row[f"tflops_{size}"] = round(ips * GFLOP[size] / 1e3, 5)
+        row["fraction_of_bf16_peak_224"] = round(row["tflops_224"] / peaks["bf16"], 4)
+        row["fraction_of_fp32_peak_224"] = round(row["tflops_224"] / peaks["fp32"], 4)
         enc[p] = row
     doc["encoder"] = enc
     ok = [p for p in precisions if enc[p]["accuracy_vs_fp32"]["min_cosine"] >= 1 - 1e-3]
@@ -231,7 +232,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     arr, table, n_cells = plate_of(args.data, args.cells, tmp)
     all_crops = [plane for cell in np.load(arr, mmap_mode="r") for plane in cell]
-    e = Encoder(model, device=device, compile=True, precision=best)
+    e = Encoder(model, device=device, compile=cuda, precision=best)
     e.embed_crops(all_crops[:batch])
     sync(device)
     t = time.perf_counter()
@@ -244,7 +245,7 @@ def main() -> None:
     cfg = ProfileConfig.from_mapping({
         "inputs": [str(arr)], "cell_table": str(table), "out": str(tmp / "out"),
         "channel_names": ["DNA", "ch1", "ch2"], "batch_size": batch, "cells_chunk": 512, "progress": False,
-        "sphering": {"scope": "none"}, "device": "cuda" if cuda else "cpu", "compile": True, "precision": best})
+        "sphering": {"scope": "none"}, "device": "cuda" if cuda else "cpu", "compile": cuda, "precision": best})
     t = time.perf_counter()
     summary = run_profile(cfg, progress_print=lambda *a: None)
     pipe_s = time.perf_counter() - t

@@ -148,6 +148,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", default="all", help="comma-separated names, or all (see --list)")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--table", type=Path, default=None, help="print the Markdown table of a study's JSON and stop")
     ap.add_argument("--per-class", type=int, default=30, help="mlcp cells per phase")
     ap.add_argument("--per-well", type=int, default=8, help="bbbc021 cells per well")
     ap.add_argument("--seeds", type=int, default=3, help="random-init seeds")
@@ -161,6 +162,11 @@ def main() -> None:
     if args.list:
         for k, (what, o) in VARIANTS.items():
             print(f"{k:28s} {what}: {o}")
+        return
+    if args.table:
+        doc = json.loads(args.table.read_text())
+        print(table(doc["rows"], list(doc["dev_sets"]), any("mlp" in r["scores"][s] for r in doc["rows"]
+                                                             for s in r["scores"])))
         return
     import torch
 

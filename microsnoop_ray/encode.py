@@ -160,6 +160,7 @@ class Encoder:
                                 pin_memory=self.device.type == "cuda")
         return self._forward(x)
 
+    @torch.inference_mode()
     def _forward(self, x: torch.Tensor) -> np.ndarray:
         n = len(x)
         if self.compiled:
