@@ -75,3 +75,20 @@ def test_a_plate_without_controls_is_named():
                        "f0": [1.0, 2.0, 3.0, 5.0, 1.0, 1.0], "f1": [0.0, 1.0, 0.0, 2.0, 3.0, 1.0]})
     with pytest.raises(ValueError, match="plate P2: 0 negative-control"):
         sphere_profiles(df, scope="plate")
+
+
+def test_constant_features_and_empty_channels_are_named():
+    from microsnoop_ray.pipeline.plate_job import PlateInfo, constant_features
+
+    rng = np.random.default_rng(0)
+    feats = {f"Microsnoop_{ch}_{i:03d}": (np.zeros(6) if ch == "RGB2" else rng.normal(size=6))
+             for ch in ("DNA", "RGB2") for i in range(4)}
+    feats["Microsnoop_DNA_003"] = np.full(6, 0.5)  # one constant feature of a live channel
+    sites = pd.DataFrame({"Metadata_Plate": ["P1"] * 6, "Metadata_Well": list("AABBCC"), **feats})
+    plates = {"P1": PlateInfo("P1", "b", ["DNA", "RGB2"], "src", [])}
+    found = constant_features(sites, plates)
+    assert found["P1"]["n_features"] == 5 and found["P1"]["channels"] == ["RGB2"]
+    assert "Microsnoop_DNA_003" in found["P1"]["features"]
+    varied = sites.assign(Microsnoop_DNA_003=np.arange(6.0), **{f"Microsnoop_RGB2_{i:03d}": np.arange(6.0)
+                                                               for i in range(4)})
+    assert constant_features(varied, plates) == {}

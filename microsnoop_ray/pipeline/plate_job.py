@@ -310,7 +310,9 @@ def well_annotations(platemap: pd.DataFrame | None, plate: str, well: str, prese
     rows = platemap[platemap["Metadata_Well"] == well]
     if "Metadata_Plate" in platemap:
         rows = rows[rows["Metadata_Plate"] == plate]
-    cols = [c for c in platemap.columns if c not in ("Metadata_Plate", "Metadata_Well") and c not in set(present)]
+    own = {"Metadata_Plate", "Metadata_Well", "Metadata_Batch", "Metadata_Row", "Metadata_Column", "Metadata_Site",
+           "Metadata_Model"}  # the site's own columns win over a plate map's
+    cols = [c for c in platemap.columns if c not in own and c not in set(present)]
     if rows.empty:
         return {c: None for c in cols}
     r = rows.iloc[0]
@@ -474,7 +476,7 @@ def build_dataset(cfg: ProfileConfig, items: list[dict]):
     log.info("pipeline: %d crop actor(s) x %.2f CPU, %d encoder actor(s) x %s, reads %.2f CPU", n_crop,
              cfg.crop_cpus, n_enc, "1 GPU" if use_gpu else f"{enc_cpus} CPU", read_cpus)
     options = {k: getattr(cfg, k) for k in ("mode", "segmenter", "cellpose_model", "diameter", "rescale_constant",
-                                            "border", "tile_overlap", "normalization", "max_cells_per_site", "seed")}
+                                            "border", "tile_overlap", "max_cells_per_site", "seed")}
     crop_res = {"num_cpus": cfg.crop_cpus}
     enc_gpus = 1.0
     if use_gpu and cfg.segment_gpu_share > 0:

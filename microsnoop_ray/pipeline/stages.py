@@ -182,16 +182,16 @@ def _concat(rows: list[dict]) -> dict:
 
 
 class CropStage:
-    """Segmentation and cropping of fields; padding and normalisation of every plane.
+    """Segmentation and cropping of fields; every (object, channel) crop leaves at its native size and
+    dtype (the encoder pads and normalises it).
 
-    Holds the segmenter (e.g. the Cellpose network) once per actor.
+    Holds the segmenter (e.g. the Cellpose network, on a GPU share when ``gpu``) once per actor.
 
     Parameters
     ----------
     options : dict
         ``mode``, ``segmenter``, ``cellpose_model``, ``diameter``, ``nuclei_channel``,
-        ``rescale_constant``, ``border``, ``tile_overlap``, ``normalization``,
-        ``max_cells_per_site``, ``seed``.
+        ``rescale_constant``, ``border``, ``tile_overlap``, ``max_cells_per_site``, ``seed``, ``gpu``.
     """
 
     def __init__(self, options: dict):
