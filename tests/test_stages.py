@@ -18,9 +18,10 @@ def _field_item(image):
 def test_field_crops_travel_compact_and_encode_as_embed(untrained_weights, normalization):
     image = tifffile.imread(sorted(TRANSFLUOR.glob("AS_*_O01f00d2.TIF"))[0])[None]
     assert image.dtype == np.uint8
-    rows = CropStage({"segmenter": "classical", "normalization": normalization}).process(_field_item(image))
+    rows = CropStage({"segmenter": "classical"}).process(_field_item(image))
+    rows = {k: v[:16] for k, v in rows.items()}  # 16 cells are enough (the encoder at 224 is slow here)
     real = rows["kind"] == PLANE
-    assert real.sum() > 5 and set(rows["crop_dtype"][real]) == {"|u1"}  # the source dtype, not float32
+    assert real.sum() == 16 and set(rows["crop_dtype"][real]) == {"|u1"}  # the source dtype, not float32
     crops = crops_of(rows)
     for crop, r in zip(crops, pd.DataFrame({k: rows[k] for k in ("Metadata_Crop_Top", "Metadata_Crop_Bottom",
                                                                  "Metadata_Crop_Left", "Metadata_Crop_Right")})
