@@ -156,8 +156,11 @@ class Encoder:
         """
         if not len(crops):
             return np.zeros((0, EMBED_DIM), np.float32)
-        x = pad_normalize_torch(crops, INPUT_SIZE, normalization, self.device,
-                                pin_memory=self.device.type == "cuda")
+        if self.device.type == "cpu":  # NumPy's partition-based percentiles are 3x faster than a torch sort here
+            planes = normalize_percentile(np.stack([pad_center(np.asarray(c, np.float32), INPUT_SIZE) for c in crops]),
+                                          mode=normalization)
+            return self._forward(torch.from_numpy(planes)[:, None])
+        x = pad_normalize_torch(crops, INPUT_SIZE, normalization, self.device, pin_memory=True)
         return self._forward(x)
 
     @torch.inference_mode()

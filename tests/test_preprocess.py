@@ -48,3 +48,19 @@ def test_degenerate_p99_equals_p1_is_bounded_by_default_and_1e6_when_faithful():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="normalization mode"):
         normalize_percentile(np.zeros((1, 4, 4)), mode="clip")
+
+
+def test_torch_padding_and_normalisation_equal_numpy():
+    """The encoder-side preprocessing (torch, any device) equals the NumPy path, degenerate cases included."""
+    from microsnoop_ray.preprocess import pad_normalize_torch, preprocess
+
+    rng = np.random.default_rng(0)
+    crops = [rng.integers(0, 65535, size=(int(rng.integers(5, 224)), int(rng.integers(5, 224)))).astype(np.uint16)
+             for _ in range(20)]
+    dot = np.zeros((10, 10), np.uint16)
+    dot[5, 5] = 1000  # P99 == P1 but not constant
+    crops += [np.full((30, 30), 500, np.uint16), np.zeros((20, 40), np.uint16), dot, np.ones((224, 224), np.float32)]
+    for mode in ("default", "faithful"):
+        ref = np.stack([preprocess(c[None].astype(np.float32), 224, mode)[0] for c in crops])
+        got = pad_normalize_torch(crops, 224, mode).numpy()[:, 0]
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-5)
