@@ -90,6 +90,8 @@ def save_functions(folder: str | Path, plate: str, channels: Sequence[str], func
     """Write each channel's function as ``.npy`` (atomically) and a PNG beside it."""
     import os
 
+    import matplotlib.figure
+
     from ..qc import save_figure
 
     paths = illum_paths(folder, plate, channels)
@@ -98,8 +100,6 @@ def save_functions(folder: str | Path, plate: str, channels: Sequence[str], func
         tmp = path.with_name(f".{path.name}.tmp.npy")
         np.save(tmp, func.astype(np.float32))
         os.replace(tmp, path)
-        import matplotlib.figure
-
         fig = matplotlib.figure.Figure(figsize=(4.5, 4))
         ax = fig.add_subplot()
         im = ax.imshow(func, cmap="magma")

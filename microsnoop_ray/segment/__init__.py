@@ -20,11 +20,15 @@ __all__ = ["segment_classical", "CellposeSegmenter", "convert_cellpose_weights",
 def describe_segmenter(method: str = "auto", cellpose_model=None, diameter: float = 30.0) -> str:
     """What :func:`make_segmenter` will use for these options, without loading any network
     (``auto`` resolved to Cellpose or the classical fallback)."""
+    weights = None
     if method in ("auto", "cellpose"):
         weights = resolve_cellpose_weights(cellpose_model, required=(method == "cellpose"))
-        if weights is not None:
-            return f"cellpose:{weights.name}:diameter={diameter}"
-    return f"classical:otsu-watershed:diameter={diameter}"
+    return _description(weights, diameter)
+
+
+def _description(weights, diameter: float) -> str:
+    return f"cellpose:{weights.name}:diameter={diameter}" if weights is not None \
+        else f"classical:otsu-watershed:diameter={diameter}"
 
 
 def make_segmenter(method: str = "auto", cellpose_model=None, diameter: float = 30.0, batch_size: int = 8,
@@ -44,8 +48,7 @@ def make_segmenter(method: str = "auto", cellpose_model=None, diameter: float = 
         weights = resolve_cellpose_weights(cellpose_model, required=(method == "cellpose"))
         if weights is not None:
             seg = CellposeSegmenter(weights, diameter=diameter, batch_size=batch_size, gpu=gpu)
-            return seg, describe_segmenter(method, cellpose_model, diameter)
+            return seg, _description(weights, diameter)
         log.warning("no Cellpose weights available (pass --cellpose-model FILE); "
                     "falling back to the classical segmenter (Otsu + watershed)")
-    return (lambda planes: [segment_classical(p, diameter=diameter) for p in planes]), \
-        f"classical:otsu-watershed:diameter={diameter}"
+    return (lambda planes: [segment_classical(p, diameter=diameter) for p in planes]), _description(None, diameter)
