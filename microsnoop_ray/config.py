@@ -33,12 +33,9 @@ def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
 
 def save_config(config: dict, path: str | os.PathLike) -> Path:
     """Write the resolved configuration as YAML (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".part")
-    tmp.write_text(yaml.safe_dump(config, sort_keys=True))
-    os.replace(tmp, path)
-    return path
+    from .io.atomic import write_text
+
+    return write_text(yaml.safe_dump(config, sort_keys=True), path)
 
 
 def check_options(cls, options: Mapping[str, Any], what: str) -> None:

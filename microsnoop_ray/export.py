@@ -25,8 +25,10 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
+from .io.atomic import atomic_path
 from .io.write import read_provenance, write_parquet
 from .profiles.aggregate import feature_columns
+from .profiles.controls import negative_controls
 
 LEVELS = ("cells", "wells", "treatments")
 FORMATS = ("h5ad", "plate-parquet")
@@ -73,7 +75,7 @@ def pca_reduce(df: pd.DataFrame, n: int, fit_on: str = "all") -> tuple[pd.DataFr
     Parameters
     ----------
     fit_on : {"all", "controls"}
-        Fit on every row, or on the negative controls (``Metadata_pert_type == "negcon"``)
+        Fit on every row, or on the negative controls (``Metadata_pert_type`` negcon or control)
         only, so that the axes describe control variation; every row is then projected.
     """
     from sklearn.decomposition import PCA
@@ -83,7 +85,7 @@ def pca_reduce(df: pd.DataFrame, n: int, fit_on: str = "all") -> tuple[pd.DataFr
     if fit_on == "controls":
         if "Metadata_pert_type" not in df:
             raise InputError("--pca-fit controls", "no Metadata_pert_type column: the controls are not known")
-        fit = X[df["Metadata_pert_type"].eq("negcon").to_numpy()]
+        fit = X[negative_controls(df)]
     elif fit_on == "all":
         fit = X
     else:
@@ -143,9 +145,7 @@ def write_h5ad(df: pd.DataFrame, path: str | Path, uns: dict) -> Path:
     if len(set(names.values())) != len(names):
         names = {c: c for c in meta}  # prefix-less names would collide: keep them whole
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["encoding-type"], f.attrs["encoding-version"] = "anndata", "0.1.0"
         X = f.create_dataset("X", data=df[feats].to_numpy(np.float32), chunks=True, compression="gzip")
         X.attrs["encoding-type"], X.attrs["encoding-version"] = "array", "0.2.0"
@@ -159,7 +159,6 @@ def write_h5ad(df: pd.DataFrame, path: str | Path, uns: dict) -> Path:
         for empty in ("obsm", "varm", "obsp", "varp", "layers"):
             g = f.create_group(empty)
             g.attrs["encoding-type"], g.attrs["encoding-version"] = "dict", "0.1.0"
-    tmp.replace(path)
     return path
 
 

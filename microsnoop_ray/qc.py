@@ -18,9 +18,6 @@ def draw_field(plane: np.ndarray, path: str | Path, labels: np.ndarray | None = 
     windows : DataFrame with ``Metadata_Crop_Top/Bottom/Left/Right`` and
         ``Metadata_Location_Center_X/Y``, optional
     """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
     plane = np.asarray(plane, dtype=np.float32)
@@ -30,7 +27,8 @@ def draw_field(plane: np.ndarray, path: str | Path, labels: np.ndarray | None = 
         from skimage.segmentation import find_boundaries
         rgb[find_boundaries(labels, mode="inner")] = (1.0, 0.15, 0.15)
     h, w = plane.shape
-    fig, ax = plt.subplots(figsize=(7, 7 * h / max(w, 1)), dpi=110)
+    fig = new_figure(figsize=(7, 7 * h / max(w, 1)), dpi=110)
+    ax = fig.subplots()
     ax.imshow(rgb, interpolation="nearest")
     if windows is not None:
         for r in windows.itertuples(index=False):
@@ -40,21 +38,21 @@ def draw_field(plane: np.ndarray, path: str | Path, labels: np.ndarray | None = 
             ax.plot(r.Metadata_Location_Center_X, r.Metadata_Location_Center_Y, "+", color="cyan", ms=3)
     ax.set_title(title, fontsize=9)
     ax.axis("off")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
+
+
+def new_figure(**kw):
+    """A matplotlib Figure that belongs to no pyplot window: the library never touches the caller's
+    backend (a notebook keeps its inline plots), and figures are freed with their last reference."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kw)
 
 
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
-    """Lay out, write (creating the folder) and close a matplotlib figure."""
-    import matplotlib.pyplot as plt
-
+    """Lay out and write (creating the folder) a figure made by :func:`new_figure`."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
-    plt.close(fig)
     return path

@@ -10,14 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .profiles.aggregate import feature_columns
-from .qc import save_figure
-
-
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+from .qc import new_figure, save_figure
 
 
 def plate_layout_png(wells: pd.DataFrame, path: str | Path, title: str = "",
@@ -26,13 +19,15 @@ def plate_layout_png(wells: pd.DataFrame, path: str | Path, title: str = "",
 
     ``skipped`` wells (no profile) are drawn hatched.
     """
-    plt = _plt()
+    from matplotlib.patches import Rectangle
+
     rows = sorted(set(wells["Metadata_Row"]) | {w[0] for w in skipped}, key=lambda r: (len(r), r))
     cols = sorted(set(int(c) for c in wells["Metadata_Column"]) | {int(w[1:]) for w in skipped})
     grid = np.full((len(rows), len(cols)), np.nan)
     for r in wells.itertuples():
         grid[rows.index(r.Metadata_Row), cols.index(int(r.Metadata_Column))] = r.Metadata_Object_Count
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(cols), 1.0 + 0.5 * len(rows)))
+    fig = new_figure(figsize=(1.0 + 0.55 * len(cols), 1.0 + 0.5 * len(rows)))
+    ax = fig.subplots()
     im = ax.imshow(grid, cmap="viridis")
     for i in range(len(rows)):
         for j in range(len(cols)):
@@ -41,7 +36,7 @@ def plate_layout_png(wells: pd.DataFrame, path: str | Path, title: str = "",
                     color="white" if np.isnan(v) or v < np.nanmax(grid) * 0.6 else "black")
     for w in skipped:
         if w[0] in rows and int(w[1:]) in cols:
-            ax.add_patch(plt.Rectangle((cols.index(int(w[1:])) - 0.5, rows.index(w[0]) - 0.5), 1, 1, fill=False,
+            ax.add_patch(Rectangle((cols.index(int(w[1:])) - 0.5, rows.index(w[0]) - 0.5), 1, 1, fill=False,
                                        hatch="///", edgecolor="red"))
     ax.set_xticks(range(len(cols)), [f"{c:02d}" for c in cols], fontsize=7)
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
@@ -62,13 +57,15 @@ def pca(X: np.ndarray, k: int = 2) -> tuple[np.ndarray, np.ndarray]:
 
 def pca_png(profiles: pd.DataFrame, color_by: str, path: str | Path, title: str = "") -> Path:
     """Scatter of the first two principal components of the profiles, coloured by a metadata column."""
-    plt = _plt()
+    import matplotlib
+
     scores, var = pca(profiles[feature_columns(profiles)].to_numpy())
     labels = profiles[color_by].astype(str).to_numpy()
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    fig = new_figure(figsize=(5.5, 4.5))
+    ax = fig.subplots()
     for i, lab in enumerate(sorted(set(labels))):
         m = labels == lab
-        ax.scatter(scores[m, 0], scores[m, 1], s=28, label=lab, color=plt.cm.tab10(i % 10))
+        ax.scatter(scores[m, 0], scores[m, 1], s=28, label=lab, color=matplotlib.colormaps["tab10"](i % 10))
     ax.set_xlabel(f"PC1 ({var[0]:.0%})")
     ax.set_ylabel(f"PC2 ({var[1]:.0%})" if len(var) > 1 else "PC2")
     ax.legend(fontsize=7, title=color_by.removeprefix("Metadata_"), title_fontsize=7)
@@ -105,7 +102,7 @@ def write_report(out: str | Path, summary: dict, color_by: str | None = None, ex
     out = Path(out)
     rep = out / "report"
     rep.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Profiling report", "", f"model: `{summary['model_id']}`", ""]
+    lines = ["# Profiling report", "", f"model: `{summary['model_id']}`", ""]
     wells_all = []
     skipped = pd.read_csv(out / "skipped.csv") if (out / "skipped.csv").exists() else pd.DataFrame()
     for o in summary["outputs"]:

@@ -108,6 +108,30 @@ def test_missing_chunk_is_refused_unless_allowed_and_an_empty_channel_is_not_mis
     assert plate.read(ref, allow_missing_chunks=True)[0].sum() == 32 * 32 - 16 * 16
 
 
+def test_missing_chunk_check_fails_loudly_when_it_cannot_look(tmp_path, monkeypatch):
+    """A store that cannot be listed (or holds keys the check cannot place) is an error naming the
+    field, never a read that silently skips the check."""
+    import zarr.storage
+
+    p = write_plate(tmp_path / "P.zarr", {("B02", 1): np.ones((1, 32, 32), np.uint16)}, ["a"], version="0.4",
+                    chunk=16)
+    plate = open_plate(p)
+    ref = next(plate.fields())
+    assert plate.read(ref).sum() == 32 * 32  # v2 keys ("0.0.0") are understood
+
+    async def refuse(self, prefix):
+        raise PermissionError("listing denied")
+        yield  # an async generator, as the store's own
+    monkeypatch.setattr(zarr.storage.LocalStore, "list_prefix", refuse)
+    with pytest.raises(InputError, match="well B02, site 1: cannot check which Zarr chunks are stored "
+                                         r"\(PermissionError: listing denied\)"):
+        plate.read(ref)
+    monkeypatch.undo()
+    (p / "B" / "2" / "0" / "0" / "stray.txt").write_text("not a chunk")
+    with pytest.raises(InputError, match="unexpected key 'stray.txt'"):
+        plate.read(ref)
+
+
 @pytest.mark.parametrize("name", ["..", "a/b", "", "x\x00"])
 def test_output_paths_cannot_escape_the_root(tmp_path, name):
     with pytest.raises(InputError, match="safe name"):

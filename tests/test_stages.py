@@ -38,7 +38,6 @@ def test_field_crops_travel_compact_and_encode_as_embed(untrained_weights, norma
 
 
 def test_cell_array_chunk_keeps_native_crops(untrained_weights):
-    import json
 
     cells = np.load(shared("bbbc021_chx", "cells.npz"))["images"][:6]
     meta = pd.DataFrame({"Metadata_Well": "B02", "Metadata_Site": 1, "Metadata_ObjectNumber": np.arange(1, 7),

@@ -16,6 +16,7 @@ from ..profiles.sphering import DEFAULT_REGULARIZATION, sphere_profiles
 from .mapping import activity_map, consistency_map
 from .metrics import knn_accuracy, mlp_accuracy, silhouette
 from .nsc import nsc_nscb, treatment_batches
+from ..profiles.controls import negative_controls
 
 
 def _columns(df: pd.DataFrame, cols: Sequence[str], where: str) -> None:
@@ -94,10 +95,10 @@ def evaluate_nsc(df: pd.DataFrame, moa: str = "Metadata_moa", compound: str = "M
             df, fits = sphere_profiles(df, scope=sphere, regularization=regularization, epsilon=epsilon)
         except ValueError as exc:
             raise InputError(where, str(exc)) from None
-    control = df[compound].astype(str).str.upper().eq("DMSO")
-    if "Metadata_pert_type" in df:
-        control |= df["Metadata_pert_type"].eq("negcon")
-    trt = df[~control.to_numpy()]
+    # BBBC021 tables name the vehicle but may lack Metadata_pert_type: DMSO wells are its controls
+    control = negative_controls(df) if "Metadata_pert_type" in df else \
+        df[compound].astype(str).str.upper().eq("DMSO").to_numpy()
+    trt = df[~control]
     batches = treatment_batches(trt, keys, batch_rule)
     if trt.duplicated(keys).any():
         treat = treatment_profiles(trt, keys, "mean")
@@ -131,5 +132,5 @@ def evaluate_map(df: pd.DataFrame, pert: Sequence[str], question: str = "activit
         raise InputError(where, str(exc)) from None
     labels = df[list(pert)].astype(str).agg(" ".join, axis=1).to_numpy()
     if "Metadata_pert_type" in df:
-        labels = np.where(df["Metadata_pert_type"].isin(["negcon", "control"]), "negative control", labels)
+        labels = np.where(negative_controls(df), "negative control", labels)
     return {"metric": "map", **res}, X, labels

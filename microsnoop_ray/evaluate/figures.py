@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..qc import save_figure
-from ..report import _plt, pca
+from ..qc import new_figure, save_figure
+from ..report import pca
 
 
 def embedding_2d(X: np.ndarray, method: str = "umap", seed: int = 0) -> tuple[np.ndarray, str]:
@@ -31,11 +31,13 @@ def embedding_2d(X: np.ndarray, method: str = "umap", seed: int = 0) -> tuple[np
 def embedding_png(X: np.ndarray, labels: np.ndarray, path: str | Path, title: str = "", method: str = "umap",
                   seed: int = 0) -> Path:
     """Scatter of the 2-D map of ``X`` (n, d) coloured by ``labels`` (n,), legend by label."""
-    plt = _plt()
+    import matplotlib
+
     xy, how = embedding_2d(X, method, seed)
     labels = np.asarray(labels).astype(str)
-    fig, ax = plt.subplots(figsize=(6.2, 5.0))
-    cmap = plt.get_cmap("tab20" if len(np.unique(labels)) > 10 else "tab10")
+    fig = new_figure(figsize=(6.2, 5.0))
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["tab20" if len(np.unique(labels)) > 10 else "tab10"]
     for i, lab in enumerate(np.unique(labels)):
         sel = labels == lab
         ax.scatter(xy[sel, 0], xy[sel, 1], s=8 if len(xy) > 200 else 22, color=cmap(i % cmap.N), label=lab,

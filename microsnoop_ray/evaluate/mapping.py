@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ..profiles.aggregate import feature_columns
+from ..profiles.controls import negative_controls
 
 REF = "Metadata_copairs_reference"
 
@@ -68,7 +69,7 @@ def activity_map(profiles: pd.DataFrame, pert: str | Sequence[str] = "Metadata_C
     if controls is None:
         if "Metadata_pert_type" not in df:
             raise ValueError("no Metadata_pert_type column: pass controls= to say which rows are negative controls")
-        controls = df["Metadata_pert_type"].isin(["negcon", "control"]).to_numpy()
+        controls = negative_controls(df)
     controls = np.asarray(controls, bool)
     named = df[perts].notna().all(axis=1).to_numpy() | controls  # a treatment without a name is no replicate
     df, controls = df[named].reset_index(drop=True), controls[named]
@@ -99,7 +100,7 @@ def consistency_map(profiles: pd.DataFrame, pert: str | Sequence[str] = "Metadat
     perts = [pert] if isinstance(pert, str) else list(pert)
     df = profiles.reset_index(drop=True)
     if controls is None and "Metadata_pert_type" in df:
-        controls = df["Metadata_pert_type"].isin(["negcon", "control"]).to_numpy()
+        controls = negative_controls(df)
     if controls is not None:
         df = df[~np.asarray(controls, bool)]
     df = df[df[perts].notna().all(axis=1)].reset_index(drop=True)

@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from ..io.arrays import load_array
 from ..io.tables import sample_per_group
 from ..profiles.aggregate import aggregate, feature_columns, treatment_profiles
 from ..profiles.sphering import DEFAULT_REGULARIZATION, sphere_profiles
@@ -43,6 +44,7 @@ from .figures import embedding_png
 from .mapping import activity_map, consistency_map
 from .metrics import knn_accuracy, mlp_accuracy, silhouette
 from .nsc import nsc_nscb, treatment_batches
+from ..profiles.controls import negative_controls
 
 PROFILE_METHOD = "cellprofiler_profiles"
 INTERPHASE = ("G1", "S", "S_phase", "G2")  # merged into one class in the 5-class task (the data says S_phase)
@@ -101,7 +103,7 @@ def suite_mlcp(data: Path, out: Path, methods: Sequence[str], weights=None, per_
     meta = pd.read_csv(d / "cells.csv")
     exp1 = np.flatnonzero(meta["Metadata_Experiment"].eq("Experiment_1").to_numpy())
     pick = exp1[sample_per_group(meta.iloc[exp1], ["Metadata_Phase"], per_class, seed)]
-    images = np.load(d / "cells.npz")["images"][pick]
+    images = load_array(d / "cells.npz")[pick]
     y7 = meta["Metadata_Phase"].to_numpy()[pick].astype(str)
     y5 = five_class(y7)
     feats = _run_methods(images, ["Brightfield", "DNA", "Darkfield"], methods, weights, [1], log)
@@ -130,7 +132,7 @@ def suite_chx(data: Path, out: Path, methods: Sequence[str], weights=None, per_w
     _need(d / "cells.npz", d / "cells.csv")
     meta = pd.read_csv(d / "cells.csv")
     pick = sample_per_group(meta, ["Metadata_Plate", "Metadata_Well"], per_well, seed)
-    images = np.load(d / "cells.npz")["images"][pick]
+    images = load_array(d / "cells.npz")[pick]
     meta = meta.iloc[pick].reset_index(drop=True)
     drug = meta["Metadata_Compound"].astype(str).to_numpy()
     dose = meta["Metadata_Concentration"].map(lambda c: f"{c:g} uM").to_numpy()
@@ -215,7 +217,7 @@ def _fit_digest(fits: list[dict]) -> list[dict]:
 def suite_cp_profiles(data: Path, out: Path, methods: Sequence[str], seed: int = 0, log=print, **_) -> dict:
     wells = load_bbbc021_well_profiles(data)
     keys = ["Metadata_Compound", "Metadata_Concentration"]
-    batches = {rule: treatment_batches(wells[wells["Metadata_pert_type"] != "negcon"], keys, rule)
+    batches = {rule: treatment_batches(wells[~negative_controls(wells)], keys, rule)
                for rule in ("batch", "plate")}
     rows, detail, figures, variants = [], {}, [], {}
     for scope, reg in [("none", None)] + [(s, r) for s in ("global", "batch", "plate") for r in SPHERING_VARIANTS]:
@@ -242,8 +244,8 @@ def suite_cp_profiles(data: Path, out: Path, methods: Sequence[str], seed: int =
                                              out / "umap_treatments_global.png",
                                              "BBBC021 treatments (CellProfiler, sphered globally)", seed=seed).name))
     return {"data": {"wells": int(len(wells)), "features": len(feature_columns(wells)),
-                     "treatments": int(wells.loc[wells["Metadata_pert_type"] != "negcon", keys].drop_duplicates()
-                                       .shape[0]), "dmso_wells": int(wells["Metadata_pert_type"].eq("negcon").sum()),
+                     "treatments": int(wells.loc[~negative_controls(wells), keys].drop_duplicates()
+                                       .shape[0]), "dmso_wells": int(negative_controls(wells).sum()),
                      "source": "Ljosa et al. 2013 per-well means of BBBC021"},
             "methods": {**variants, **{m: {"not_applicable": NOT_APPLICABLE} for m in methods}},
             "sphering": SPHERING_NOTE, "metrics": rows, "failed": detail, "figures": figures}

@@ -29,6 +29,49 @@ def read_tiff(path: str | Path) -> np.ndarray:
     raise InputError(path, f"TIFF has shape {arr.shape}; expected (H, W) or (C, H, W)")
 
 
+def load_array(path: str | Path, key: str = "images", mmap: bool = True) -> np.ndarray:
+    """The one reader of ``.npy`` / ``.npz`` arrays in this package.
+
+    Parameters
+    ----------
+    path : str or Path
+        ``.npy`` (memory-mapped when ``mmap``: a worker reads only the rows it needs) or ``.npz``
+        (the array under ``key`` is loaded whole; store arrays larger than memory as ``.npy``).
+    key : str
+        The ``.npz`` member.
+
+    Returns
+    -------
+    ndarray, as stored (never pickled objects)
+
+    Raises
+    ------
+    InputError
+        Naming the file: missing, unreadable, or without ``key`` (the keys it has are listed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "array file does not exist")
+    try:
+        data = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            return data
+        with data:
+            if key not in data.files:
+                raise InputError(path, f"no key {key!r} in the .npz (keys: {', '.join(data.files) or 'none'})")
+            return data[key]
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(path, f"cannot read array ({type(exc).__name__}: {exc})") from None
+
+
+def npz_columns(path: str | Path, n: int, skip: str = "images") -> dict[str, np.ndarray]:
+    """The 1-D members of length ``n`` of an ``.npz`` (per-image metadata beside ``images``)."""
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files if k != skip and data[k].ndim == 1 and len(data[k]) == n}
+
+
 def read_image_stack(path: str | Path) -> tuple[object, pd.DataFrame]:
     """Open an image stack for :func:`microsnoop_ray.embed`.
 
@@ -54,29 +97,12 @@ def read_image_stack(path: str | Path) -> tuple[object, pd.DataFrame]:
         images = [read_tiff(f) for f in files]
         return images, pd.DataFrame({"Metadata_FileName": [f.name for f in files]})
     suffix = path.suffix.lower()
-    try:
-        if suffix == ".npy":
-            images = np.load(path, mmap_mode="r", allow_pickle=False)
-            return images, pd.DataFrame(index=range(len(images)) if images.ndim else range(0))
-        if suffix == ".npz":
-            data = np.load(path, allow_pickle=False)
-            if "images" not in data.files:
-                raise InputError(path, f"no key 'images' in the .npz (keys: {', '.join(data.files) or 'none'})")
-            images = data["images"]
-            n = len(images) if images.ndim else 0
-            meta = {}
-            for key in data.files:
-                if key == "images":
-                    continue
-                arr = data[key]
-                if arr.ndim == 1 and len(arr) == n:
-                    name = key if key.startswith("Metadata_") else f"Metadata_{key}"
-                    meta[name] = arr
-            return images, pd.DataFrame(meta, index=range(n))
-    except InputError:
-        raise
-    except Exception as exc:
-        raise InputError(path, f"cannot read ({type(exc).__name__}: {exc})") from None
+    if suffix in (".npy", ".npz"):
+        images = load_array(path)
+        n = len(images) if images.ndim else 0
+        meta = {} if suffix == ".npy" else npz_columns(path, n)
+        meta = {k if k.startswith("Metadata_") else f"Metadata_{k}": v for k, v in meta.items()}
+        return images, pd.DataFrame(meta, index=range(n))
     raise InputError(path, f"unsupported input type '{suffix}': expected .npy, .npz or a folder of TIFFs")
 
 

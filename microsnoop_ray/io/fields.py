@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from .arrays import read_tiff
+from .arrays import load_array, read_tiff
 
 
 def read_field(path: str | Path) -> np.ndarray:
@@ -19,7 +19,7 @@ def read_field(path: str | Path) -> np.ndarray:
     if suffix in (".tif", ".tiff"):
         return read_tiff(path)
     if suffix == ".npy":
-        arr = np.load(path, allow_pickle=False)
+        arr = load_array(path, mmap=False)
     elif suffix in (".png", ".jpg", ".jpeg", ".bmp"):
         import skimage.io
 

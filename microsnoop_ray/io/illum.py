@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import InputError
+from .arrays import load_array
 
 
 class IllumAccumulator:
@@ -88,19 +89,14 @@ def illum_paths(folder: str | Path, plate: str, channels: Sequence[str]) -> list
 
 def save_functions(folder: str | Path, plate: str, channels: Sequence[str], functions: np.ndarray) -> list[Path]:
     """Write each channel's function as ``.npy`` (atomically) and a PNG beside it."""
-    import os
-
-    import matplotlib.figure
-
-    from ..qc import save_figure
+    from ..qc import new_figure, save_figure
+    from .atomic import atomic_path
 
     paths = illum_paths(folder, plate, channels)
     for path, ch, func in zip(paths, channels, functions):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.npy")
-        np.save(tmp, func.astype(np.float32))
-        os.replace(tmp, path)
-        fig = matplotlib.figure.Figure(figsize=(4.5, 4))
+        with atomic_path(path, suffix=".npy") as tmp:
+            np.save(tmp, func.astype(np.float32))
+        fig = new_figure(figsize=(4.5, 4))
         ax = fig.add_subplot()
         im = ax.imshow(func, cmap="magma")
         ax.set_title(f"{plate} {ch}: illumination function", fontsize=9)
@@ -112,7 +108,7 @@ def save_functions(folder: str | Path, plate: str, channels: Sequence[str], func
 
 @functools.lru_cache(maxsize=4)
 def _load(paths: tuple[str, ...]) -> np.ndarray:
-    return np.stack([np.load(p, allow_pickle=False).astype(np.float32) for p in paths])
+    return np.stack([load_array(p, mmap=False).astype(np.float32) for p in paths])
 
 
 def load_functions(paths: Sequence[str | Path]) -> np.ndarray:

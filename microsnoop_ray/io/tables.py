@@ -195,11 +195,9 @@ def read_cell_array(images: str | Path, table: str | Path | None = None) -> tupl
     images = Path(images)
     if table is None:
         table = images.with_name("cells.csv")
-    try:
-        data = np.load(images, mmap_mode="r", allow_pickle=False)
-        arr = data["images"] if isinstance(data, np.lib.npyio.NpzFile) else data
-    except Exception as exc:
-        raise InputError(images, f"cannot read cell array ({type(exc).__name__}: {exc})") from None
+    from .arrays import load_array
+
+    arr = load_array(images)
     if arr.ndim == 3:
         arr = arr[:, None]
     if arr.ndim != 4:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -11,6 +10,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .atomic import atomic_path
 
 #: Key under which provenance (model card, options) is stored in the Parquet schema metadata.
 SCHEMA_KEY = b"microsnoop_ray"
@@ -53,13 +54,10 @@ def write_parquet(table: pa.Table | pd.DataFrame, path: str | os.PathLike, prove
         table = pa.Table.from_pandas(table, preserve_index=False)
     table = table.replace_schema_metadata(None)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with pq.ParquetWriter(tmp, table.schema, store_schema=False) as writer:
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, table.schema, store_schema=False) as writer:
         writer.write_table(table)
         if provenance is not None:
             writer.add_key_value_metadata({SCHEMA_KEY: json.dumps(provenance, default=str).encode()})
-    os.replace(tmp, path)
     return path
 
 

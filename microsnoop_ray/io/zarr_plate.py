@@ -143,7 +143,7 @@ class Plate:
         unless ``allow_missing_chunks``. A plane with no chunk at all is an empty channel.
         """
         _, arr, axes = self._array(field)
-        partial = None if allow_missing_chunks else _planes_with_missing_chunks(arr, axes)
+        partial = None if allow_missing_chunks else _planes_with_missing_chunks(arr, axes, field.where)
         if partial:
             n_missing, planes = partial
             raise InputError(field.where, f"{n_missing} Zarr chunk(s) missing in {planes} image plane(s) whose other "
@@ -176,30 +176,53 @@ class Plate:
         return data.reshape(data.shape[-2:]).astype(np.int32)
 
 
-def _planes_with_missing_chunks(arr, axes: Sequence[str]) -> tuple[int, int] | None:
-    """(missing chunks, planes affected) over the (y, x) planes that are partly stored, or None when
-    every plane is whole or empty (or the store's keys cannot be read)."""
-    try:
-        from zarr.core.array import _shards_initialized
-        from zarr.core.sync import sync
+_METADATA_KEYS = {"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"}
 
-        keys = sync(_shards_initialized(arr._async_array))
-        grid = [int(np.ceil(n / c)) for n, c in zip(arr.shape, arr.shards or arr.chunks)]
-        yx = [axes.index("y"), axes.index("x")]
-        per_plane: dict[tuple, int] = {}
-        for k in keys:
-            # "0.1.0" (Zarr v2) or "c/0/1/0" (Zarr v3 default encoding), relative to the array
-            k = k[2:] if k[:2] in ("c/", "c.") else k
-            idx = [int(p) for p in k.replace("/", ".").split(".")]
-            if len(idx) != len(grid):
-                return None
-            plane = tuple(v for i, v in enumerate(idx) if i not in yx)
-            per_plane[plane] = per_plane.get(plane, 0) + 1
-        full = grid[yx[0]] * grid[yx[1]]
-        partial = {p: n for p, n in per_plane.items() if n < full}
-        return (sum(full - n for n in partial.values()), len(partial)) if partial else None
-    except Exception:
-        return None
+
+def stored_chunk_keys(arr) -> list[str]:
+    """The keys of the chunks (or shards) of ``arr`` that its store holds, relative to the array.
+
+    Public zarr API only: the array's ``store`` and the store's ``list_prefix``. It runs on its own
+    event loop in a helper thread, so it works inside Ray actors and notebooks that already run one.
+    """
+    import asyncio
+    import concurrent.futures
+
+    prefix = f"{arr.path}/" if arr.path else ""
+
+    async def collect() -> list[str]:
+        return [k[len(prefix):] async for k in arr.store.list_prefix(prefix)]
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        keys = pool.submit(asyncio.run, collect()).result()
+    return [k for k in keys if k.rsplit("/", 1)[-1] not in _METADATA_KEYS]
+
+
+def _planes_with_missing_chunks(arr, axes: Sequence[str], where: str) -> tuple[int, int] | None:
+    """(missing chunks, planes affected) over the (y, x) planes that are partly stored, or None when
+    every plane is whole or empty. Raises InputError naming ``where`` when the store cannot be
+    listed or holds keys this check cannot place: the check never switches itself off."""
+    try:
+        keys = stored_chunk_keys(arr)
+    except Exception as exc:
+        raise InputError(where, f"cannot check which Zarr chunks are stored ({type(exc).__name__}: {exc}); "
+                                "a partly written plane would read as the fill value") from None
+    grid = [int(np.ceil(n / c)) for n, c in zip(arr.shape, arr.shards or arr.chunks)]
+    yx = [axes.index("y"), axes.index("x")]
+    per_plane: dict[tuple, int] = {}
+    for k in keys:
+        # "0.1.0" (Zarr v2) or "c/0/1/0" (Zarr v3 default encoding), relative to the array
+        key = k[2:] if k[:2] in ("c/", "c.") else k
+        parts = key.replace("/", ".").split(".")
+        if len(parts) != len(grid) or not all(p.isdigit() for p in parts):
+            raise InputError(where, f"unexpected key {k!r} in the Zarr array (expected chunk keys of a "
+                                    f"{len(grid)}-dimensional array): cannot check for missing chunks")
+        idx = [int(p) for p in parts]
+        plane = tuple(v for i, v in enumerate(idx) if i not in yx)
+        per_plane[plane] = per_plane.get(plane, 0) + 1
+    full = grid[yx[0]] * grid[yx[1]]
+    partial = {p: n for p, n in per_plane.items() if n < full}
+    return (sum(full - n for n in partial.values()), len(partial)) if partial else None
 
 
 def open_plate(path: str | Path, name: str | None = None) -> Plate:

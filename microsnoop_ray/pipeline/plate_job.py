@@ -371,7 +371,6 @@ def run_profile(cfg: ProfileConfig, progress_print=print) -> dict:
 
     Returns the summary written to ``summary.json``.
     """
-    import ray
 
     from ..model.load import load_model
 

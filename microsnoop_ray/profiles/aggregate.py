@@ -9,6 +9,7 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from .controls import negative_controls
 
 METHODS = ("mean", "median")
 COUNT = "Metadata_Object_Count"
@@ -83,12 +84,12 @@ def treatment_profiles(wells: pd.DataFrame, keys: Sequence[str] = TREATMENT_KEYS
                        include_controls: bool = False) -> pd.DataFrame:
     """Consensus profiles per treatment (compound + concentration by default).
 
-    Negative controls (``Metadata_pert_type == "negcon"``) are not treatments and are left
+    Negative controls (:func:`~microsnoop_ray.profiles.controls.negative_controls`) are not treatments and are left
     out unless ``include_controls``. Adds ``Metadata_Well_Count``.
     """
     df = wells
-    if not include_controls and "Metadata_pert_type" in df:
-        df = df[df["Metadata_pert_type"] != "negcon"]
+    if not include_controls:
+        df = df[~negative_controls(df)]
     missing = [k for k in keys if k not in df.columns]
     if missing:
         raise ValueError(f"cannot build treatment profiles: missing column(s) {missing} (join a plate map)")

@@ -61,6 +61,7 @@ import logging
 
 import numpy as np
 import pandas as pd
+from .controls import negative_controls
 
 METHODS = ("zca-cor", "zca")
 REGULARIZATIONS = ("mean-eigenvalue", "shrinkage", "epsilon", "faithful")
@@ -255,7 +256,7 @@ def sphere_profiles(profiles: pd.DataFrame, controls: pd.Series | np.ndarray | N
     profiles : DataFrame
         ``Metadata_*`` columns (``Metadata_Plate``/``Metadata_Batch`` for the scopes) and features.
     controls : boolean mask over ``profiles``, optional
-        Which rows are negative controls; default ``Metadata_pert_type == "negcon"``.
+        Which rows are negative controls; default :func:`~microsnoop_ray.profiles.controls.negative_controls`.
         Ignored when ``fit_on`` is given.
     scope : {"plate", "batch", "global"}
         One transform per plate, per batch, or one for everything.
@@ -285,7 +286,7 @@ def sphere_profiles(profiles: pd.DataFrame, controls: pd.Series | np.ndarray | N
         if controls is None:
             if "Metadata_pert_type" not in profiles:
                 raise ValueError("no Metadata_pert_type column: cannot find the negative controls to fit sphering on")
-            controls = profiles["Metadata_pert_type"].eq("negcon").to_numpy()
+            controls = negative_controls(profiles)
         fit_on = profiles[np.asarray(controls, dtype=bool)]
     key = {"plate": "Metadata_Plate", "batch": "Metadata_Batch", "global": None}[scope]
     fits = []

@@ -70,10 +70,10 @@ def convert_cellpose_weights(path: str | os.PathLike, diameter: float = 30.0) ->
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     target = cache_dir() / "cellpose-weights" / f"{path.stem}-{digest}.pt"
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp")
-        torch.save(out, tmp)
-        os.replace(tmp, target)
+        from ..io.atomic import atomic_path
+
+        with atomic_path(target) as tmp:
+            torch.save(out, tmp)
     return target
 
 

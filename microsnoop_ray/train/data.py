@@ -149,8 +149,9 @@ def pool_from_folder(folder: str | Path, image_type: str | None = None, type_fro
 def pool_from_cell_array(path: str | Path, image_type: str | None = None, key: str = "images") -> Pool:
     """Pre-cropped cells from an ``.npy`` or ``.npz`` array (n, c, h, w) or (n, h, w)."""
     path = Path(path)
-    data = np.load(path)
-    arr = data[key] if isinstance(data, np.lib.npyio.NpzFile) else data
+    from ..io.arrays import load_array
+
+    arr = load_array(path, key)
     if arr.ndim == 3:
         arr = arr[:, None]
     kind = image_type or path.stem

@@ -157,11 +157,10 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from ..io.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _unwrap(model):

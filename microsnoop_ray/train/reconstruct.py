@@ -68,12 +68,11 @@ def reconstruct(model, targets: np.ndarray, patch: int = 16, ratio: float = 0.25
 
 def reconstruction_figure(targets: np.ndarray, result: dict, path: str | Path, titles: Sequence[str] = ()) -> Path:
     """Rows of (original, masked input, reconstruction), like Fig. 2 of the paper."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..qc import new_figure
 
     n = len(targets)
-    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.6 * n), squeeze=False)
+    fig = new_figure(figsize=(7.5, 2.6 * n))
+    axes = fig.subplots(n, 3, squeeze=False)
     for i in range(n):
         lo, hi = np.percentile(targets[i], [0.5, 99.5])
         for j, (img, name) in enumerate(((targets[i], "original"), (result["masked"][i], "masked input (25%)"),

@@ -1,0 +1,43 @@
+"""Atomic file writes: a reader (or a resumed job) sees the old file or the whole new one, never a part.
+
+The one helper every writer of this package uses: Parquet sites, JSON notes, ``skipped.csv``,
+configuration, illumination functions, checkpoints and exports.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block ends without error it replaces ``path``.
+
+    The temporary name is hidden (leading dot), unique per writer (two processes writing the same
+    file never share it) and ends with ``suffix`` (for writers that insist on an extension, e.g.
+    ``np.save`` and ``.npy``). On an error the partial file is removed and the error propagates.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write ``text`` to ``path`` atomically; returns ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as indented, key-sorted JSON atomically (values JSON cannot hold become strings)."""
+    return write_text(json.dumps(obj, indent=1, sort_keys=True, default=str), path)
