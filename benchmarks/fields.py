@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from microsnoop_ray.encode import Encoder
-from microsnoop_ray.fields import profile_field
+from microsnoop_ray.encode import profile_field
 from microsnoop_ray.io.registry import fetch_package_files
 from microsnoop_ray.model import MicrosnoopUNet
 from microsnoop_ray.segment import CellposeSegmenter, resolve_cellpose_weights, segment_classical

@@ -124,13 +124,14 @@ def main() -> None:
 def handoff_bytes(crops: np.ndarray, meta: pd.DataFrame) -> dict:
     """Bytes per plane that the crop actors hand to the encoder actors, measured on these cells by the
     crop stage itself, against the 224 x 224 float32 planes the pipeline shipped before."""
+    from microsnoop_ray.io.sources import CellChunk
     from microsnoop_ray.pipeline.stages import PLANE, CropStage
 
-    m = meta.assign(site_planes=len(crops) * crops.shape[1])[["Metadata_Well", "Metadata_Site",
-                                                               "Metadata_ObjectNumber", "site_planes"]]
-    item = {"kind": "cells", "plate": "P", "well": "W", "site": 1, "n_channels": crops.shape[1], "error": "",
-            "image": crops, "cells_meta": m.to_json(orient="records")}
-    rows = CropStage({}).process(item)
+    path = Path(tempfile.mkdtemp()) / "crops.npy"
+    np.save(path, crops)
+    item = CellChunk("P", "A01", 1, crops.shape[1], path=str(path), rows=tuple(range(len(crops))),
+                     object_numbers=tuple(range(1, len(crops) + 1)), site_planes=len(crops) * crops.shape[1])
+    rows = CropStage().process({"item": item, "image": crops, "error": ""})
     real = rows["kind"] == PLANE
     after = sum(len(b) for b in rows["crop"][real]) / real.sum()
     before = 224 * 224 * 4

@@ -12,9 +12,30 @@ import time
 from pathlib import Path
 
 from .errors import InputError, MicrosnoopError
+from .pipeline.config import add_arguments
 from .profiles.sphering import DEFAULT_REGULARIZATION as REGULARIZATION_DEFAULT, REGULARIZATIONS
 
 log = logging.getLogger("microsnoop_ray")
+
+
+def _config(args: argparse.Namespace, require_inputs: bool = True, **extra):
+    """The ProfileConfig of a command: its --config file, overridden by the flags that were given."""
+    from .config import load_config
+    from .pipeline.config import ProfileConfig, merge_options, options_from_args
+
+    options = options_from_args(args)
+    inputs = getattr(args, "plates", None) or getattr(args, "images", None)
+    if inputs:
+        options["inputs"] = [str(p) for p in inputs]
+    if getattr(args, "out", None) is not None:
+        options["out"] = str(args.out)
+    if getattr(args, "quiet", False):
+        options.setdefault("run", {})["progress"] = False
+    options.update(extra)
+    try:
+        return ProfileConfig.from_mapping(merge_options(load_config(args.config), options), require_inputs)
+    except (TypeError, ValueError) as exc:
+        raise InputError(args.config or "command line", str(exc)) from None
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
@@ -24,26 +45,30 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from .io.arrays import read_image_stack, read_metadata_table
     from .io.write import profile_table, write_parquet
 
+    cfg = _config(args, require_inputs=False)
     images, meta = read_image_stack(args.input)
     n, c = check_images(images, str(args.input))
-    names = args.channel_names.split(",") if args.channel_names else [f"ch{i}" for i in range(c)]
+    names = list(cfg.channel_names) if cfg.channel_names else [f"ch{i}" for i in range(c)]
     if len(names) != c or len(set(names)) != c or not all(names):
         raise MicrosnoopError(f"{args.input}: --channel-names gives {len(names)} distinct non-empty names "
-                              f"for {c} channels: {args.channel_names!r}")
+                              f"for {c} channels: {','.join(names)!r}")
     if args.metadata:
         meta = pd.concat([meta, read_metadata_table(args.metadata, n)], axis=1)
-    compile_ = args.compile if args.compile is not None else n * c >= 512
-    encoder = Encoder(args.weights, device=args.device, compile=compile_)
+    enc = cfg.encode
+    given = getattr(args, "encode.compile") is not None or "compile" in (_file_section(args, "encode"))
+    compile_ = enc.compile if given else n * c >= 512
+    encoder = Encoder(enc.weights, device="cpu" if enc.device == "auto" else enc.device, compile=compile_,
+                      precision=enc.precision)
     t0 = time.perf_counter()
-    feats = embed(images, batch_size=args.batch_size, normalization=args.normalization,
+    feats = embed(images, batch_size=enc.batch_size, normalization=enc.normalization,
                   source=str(args.input), progress=not args.quiet and n >= 64, encoder=encoder)
     seconds = time.perf_counter() - t0
     meta.insert(0, "Metadata_ImageIndex", range(n))
     table = profile_table(meta, feats, feature_names(names))
     card = encoder.model_card
     write_parquet(table, args.out, provenance={
-        "command": "embed", "input": str(args.input), "channels": names,
-        "model_card": card.to_dict() if card else None, "normalization": args.normalization,
+        "command": "embed", "input": str(args.input), "channels": names, "config": cfg.encode.__dict__,
+        "model_card": card.to_dict() if card else None, "normalization": enc.normalization,
     })
     if not args.quiet:
         print(f"embedded {n} images x {c} channels with {card.model_id if card else 'model'} "
@@ -51,104 +76,19 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _file_section(args: argparse.Namespace, section: str) -> dict:
+    from .config import load_config
+
+    return dict(load_config(args.config).get(section) or {})
+
+
 def _cmd_fields(args: argparse.Namespace) -> int:
-    import numpy as np
-    import pandas as pd
+    from .pipeline.fields_job import run_fields
 
-    from .crop import bboxes_from_centres
-    from .encode import Encoder, feature_names
-    from .fields import profile_field
-    from .io.fields import read_centres, read_field
-    from .io.write import profile_table, write_parquet
-    from .qc import draw_field
-    from .segment import make_segmenter
-
-    paths = list(args.images)
-    if args.masks and len(args.masks) != len(paths):
-        raise MicrosnoopError(f"--masks: {len(args.masks)} label images for {len(paths)} fields")
-    centres = read_centres(args.centres) if args.centres else None
-    skipped: list[dict] = []
-    fields: list[tuple[Path, np.ndarray]] = []
-    for p in paths:
-        try:
-            fields.append((p, read_field(p)))
-        except MicrosnoopError as exc:
-            skipped.append({"Metadata_FileName": p.name, "reason": str(exc)})
-    chans = {f.shape[0] for _, f in fields}
-    if len(chans) > 1:
-        raise MicrosnoopError(f"fields have different channel counts {sorted(chans)}: profile them separately")
-    c = chans.pop() if chans else 0
-    names = args.channel_names.split(",") if args.channel_names else [f"ch{i}" for i in range(c)]
-    if fields and len(names) != c:
-        raise MicrosnoopError(f"--channel-names gives {len(names)} names for {c} channels")
-    if fields and not 0 <= args.nuclei_channel < c:
-        raise MicrosnoopError(f"--nuclei-channel {args.nuclei_channel} is out of range for {c} channels")
-
-    labels: dict[int, np.ndarray] = {}
-    seg_desc = "none"
-    if args.mode == "cells" and fields:
-        if args.masks:
-            from .io.arrays import read_tiff
-            seg_desc = "supplied label images"
-            index = {p: i for i, p in enumerate(paths)}
-            for i, (p, f) in enumerate(fields):
-                m = read_tiff(args.masks[index[p]])[0]
-                if m.shape != f.shape[1:]:
-                    raise MicrosnoopError(f"{args.masks[index[p]]}: label image {m.shape} does not match field {p} {f.shape[1:]}")
-                labels[i] = m.astype(np.int64)
-        elif centres is not None:
-            seg_desc = f"supplied centres ({args.centres.name}), object size {args.diameter} px"
-        else:
-            segmenter, seg_desc = make_segmenter(args.segmenter, args.cellpose_model, args.diameter)
-            log.info("segmenting %d fields with %s", len(fields), seg_desc)
-            for i, m in enumerate(segmenter([f[args.nuclei_channel] for _, f in fields])):
-                labels[i] = m
-
-    encoder = Encoder(args.weights, device=args.device, compile=args.compile)
-    card = encoder.model_card
-    cell_tables, cell_feats, field_rows, field_feats = [], [], [], []
-    for i, (p, f) in enumerate(fields):
-        bboxes = None
-        if args.mode == "cells" and centres is not None and not args.masks:
-            sel = centres if centres["file"].isna().all() else centres[centres["file"] == p.name]
-            bboxes = bboxes_from_centres(sel["x"], sel["y"], args.diameter, f.shape[1:], sel["label"])
-        res = profile_field(f, encoder, mode=args.mode, labels=labels.get(i), bboxes=bboxes,
-                            rescale_constant=args.rescale_constant, border=args.border,
-                            tile_overlap=args.tile_overlap, batch_size=args.batch_size,
-                            normalization=args.normalization, where=str(p))
-        if res.skip_reason:
-            skipped.append({"Metadata_FileName": p.name, "reason": res.skip_reason})
-        else:
-            objs = res.objects.copy()
-            objs.insert(0, "Metadata_FileName", p.name)
-            cell_tables.append(objs)
-            cell_feats.append(res.object_features)
-            field_rows.append({"Metadata_FileName": p.name, "Metadata_Object_Count": res.object_count,
-                               "Metadata_Objects_Rejected": len(res.rejected)})
-            field_feats.append(res.field_features)
-        if args.png:
-            draw_field(f[args.nuclei_channel], args.out / "qc" / f"{p.stem}.png", labels.get(i),
-                       res.objects if args.mode == "cells" and len(res.objects) else None,
-                       f"{p.name}: {res.object_count} {args.mode} "
-                       f"({len(res.rejected)} rejected){' SKIPPED' if res.skip_reason else ''}")
-        if not args.quiet:
-            print(f"{p.name}: " + (f"skipped: {res.skip_reason}" if res.skip_reason else
-                                   f"{res.object_count} {args.mode}"))
-    prov = {"command": "fields", "mode": args.mode, "segmentation": seg_desc, "channels": names,
-            "nuclei_channel": args.nuclei_channel, "rescale_constant": args.rescale_constant,
-            "border": args.border, "tile_overlap": args.tile_overlap, "normalization": args.normalization,
-            "aggregation": "mean", "model_card": card.to_dict() if card else None}
-    feat_names = feature_names(names) if names else []
-    args.out.mkdir(parents=True, exist_ok=True)
-    if field_rows:
-        write_parquet(profile_table(pd.concat(cell_tables, ignore_index=True), np.concatenate(cell_feats),
-                                    feat_names), args.out / "cells.parquet", prov)
-        write_parquet(profile_table(pd.DataFrame(field_rows), np.stack(field_feats), feat_names),
-                      args.out / "fields.parquet", prov)
-    pd.DataFrame(skipped, columns=["Metadata_FileName", "reason"]).to_csv(args.out / "skipped.csv", index=False)
-    if not args.quiet:
-        print(f"{len(field_rows)} fields profiled, {len(skipped)} skipped (see {args.out / 'skipped.csv'})")
-    return 3 if skipped else 0
+    cfg = _config(args)
+    result = run_fields(cfg, masks=args.masks, centres=args.centres, png=args.png,
+                        progress_print=(lambda *a: None) if args.quiet else print)
+    return 3 if result["skipped"] else 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -186,50 +126,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-_PROFILE_FLAGS = ("platemap", "batch", "weights", "mode", "segmenter", "cellpose_model", "diameter", "nuclei_channel",
-                  "labels", "rescale_constant", "border", "normalization", "max_cells_per_site", "cell_table",
-                  "aggregation", "batch_size", "encoder_actors", "crop_actors", "device", "compile", "retry_skipped",
-                  "drop_constant", "illum")
-
-
-def profile_options(args: argparse.Namespace) -> dict:
-    """Config file values, overridden by the flags that were given."""
-    from .config import load_config
-
-    options = load_config(args.config)
-    if args.plates:
-        options["inputs"] = [str(p) for p in args.plates]
-    if args.out is not None:
-        options["out"] = str(args.out)
-    for key in _PROFILE_FLAGS:
-        value = getattr(args, key, None)
-        if value is not None:
-            options[key] = str(value) if isinstance(value, Path) else value
-    if args.channel_names:
-        options["channel_names"] = args.channel_names.split(",")
-    sph = dict(options.get("sphering") or {})
-    for key in ("scope", "method", "regularization", "epsilon", "fit_on", "fallback", "required"):
-        value = getattr(args, f"sphering_{key}", None)
-        if value is not None:
-            sph[key] = value
-    if sph:
-        options["sphering"] = sph
-    if args.quiet:
-        options["progress"] = False
-    return options
-
-
 def _cmd_profile(args: argparse.Namespace) -> int:
     import os
 
     import ray
 
-    from .pipeline.plate_job import ProfileConfig, run_profile
+    from .pipeline.plate_job import run_profile
 
-    try:
-        cfg = ProfileConfig.from_mapping(profile_options(args))
-    except (TypeError, ValueError) as exc:
-        raise InputError(args.config or "command line", str(exc)) from None
+    cfg = _config(args)
     started = False
     if not ray.is_initialized():
         address = args.address or os.environ.get("RAY_ADDRESS")
@@ -237,10 +141,12 @@ def _cmd_profile(args: argparse.Namespace) -> int:
             ray.init(address=address, log_to_driver=args.verbose)
         else:  # embedded local Ray, started and stopped by this command
             ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=args.verbose,
+                     logging_level=logging.INFO if args.verbose else logging.ERROR,
                      object_store_memory=args.object_store_mb * 2**20 if args.object_store_mb else None)
             started = True
     try:
-        summary = run_profile(cfg, progress_print=(lambda *a: None) if args.quiet else print)
+        summary = run_profile(cfg, progress_print=(lambda *a: None) if args.quiet else print,
+                              log_file=None if args.verbose else "default")
     finally:
         if started:
             ray.shutdown()
@@ -401,45 +307,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True)
 
-    e = sub.add_parser("embed", help="embed images up to 224x224 (cells, crops) into a Parquet table")
+    e = sub.add_parser("embed", help="embed images up to 224x224 (cells, crops) into a Parquet table",
+                       description="Encoder flags as `profile` (and its --config file's encode section); "
+                                   "--compile defaults to on from 512 one-channel images.")
     e.add_argument("input", type=Path, help=".npy, .npz (key 'images') of shape (N, C, H, W), or a folder of TIFFs")
-    e.add_argument("--weights", type=Path, default=None,
-                   help="checkpoint (published .pth, state dict, microsnoop-ray format, or cellpose:PATH for a "
-                        "Cellpose 3 / scellseg file); default: shipped weights")
     e.add_argument("--out", type=Path, required=True, help="output .parquet")
-    e.add_argument("--channel-names", default=None, help="comma-separated, one per channel (default ch0,ch1,...)")
+    e.add_argument("--config", type=Path, default=None, help="YAML/TOML with an encode section (as `profile`)")
     e.add_argument("--metadata", type=Path, default=None, help="CSV/Parquet with one row per image (Metadata_ columns)")
-    e.add_argument("--batch-size", type=int, default=32, help="one-channel images per forward pass")
-    e.add_argument("--device", default=None, help="cpu (default) or cuda")
-    e.add_argument("--normalization", choices=("default", "faithful"), default="default",
-                   help="degenerate-case handling of percentile normalisation (see docs)")
-    e.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the encoder (default: on when there are >= 512 one-channel images)")
+    add_arguments(e, ("encode",), top=("channel_names",))
     e.add_argument("-q", "--quiet", action="store_true")
     e.set_defaults(func=_cmd_embed)
 
-    f = sub.add_parser("fields", help="profile whole fields of view (cell crops, tiles or rescaling)",
-                       description="Exit status: 0 all fields profiled, 3 some skipped (listed in skipped.csv), 2 error.")
-    f.add_argument("images", type=Path, nargs="+", help="one file per field: TIFF (C, H, W), PNG/JPEG, or .npy")
-    f.add_argument("--mode", choices=("cells", "tiles", "rescale"), default="cells")
-    f.add_argument("--nuclei-channel", type=int, default=0, help="channel index used for segmentation")
-    f.add_argument("--segmenter", choices=("auto", "cellpose", "classical"), default="auto",
-                   help="auto: Cellpose when --cellpose-model is given, else classical (logged)")
-    f.add_argument("--cellpose-model", default=None, help="local Cellpose weights file (never downloaded)")
-    f.add_argument("--diameter", type=float, default=30.0, help="typical nucleus diameter in pixels")
+    f = sub.add_parser("fields", help="profile whole fields of view in this process (cell crops, tiles or rescaling)",
+                       description="The stages of `profile` without Ray, writing the same per-cell columns and "
+                                   "skipped table. Inputs: image files (TIFF (C, H, W), PNG/JPEG, .npy), or any "
+                                   "input of `profile`. Exit status: 0 all fields profiled, 3 some skipped "
+                                   "(skipped.csv), 2 error.")
+    f.add_argument("images", type=Path, nargs="*", help="one file per field (or 'inputs' in the config file)")
+    f.add_argument("--out", type=Path, default=None, help="output folder")
+    f.add_argument("--config", type=Path, default=None, help="YAML/TOML with any of these options (as `profile`)")
     f.add_argument("--masks", type=Path, nargs="+", default=None, help="label images, one per field, same order")
     f.add_argument("--centres", type=Path, default=None, help="CSV of object centres (CellProfiler columns)")
-    f.add_argument("--rescale-constant", type=float, default=2.5, help="Rc of the crop window (2 BBBC021, 1 LIVECell)")
-    f.add_argument("--border", choices=("drop", "faithful", "keep"), default="drop")
-    f.add_argument("--tile-overlap", type=float, default=0.1)
-    f.add_argument("--channel-names", default=None)
-    f.add_argument("--weights", type=Path, default=None)
-    f.add_argument("--out", type=Path, required=True, help="output folder")
     f.add_argument("--png", action="store_true", help="write qc/<field>.png with outlines and crop windows")
-    f.add_argument("--batch-size", type=int, default=32)
-    f.add_argument("--device", default=None)
-    f.add_argument("--normalization", choices=("default", "faithful"), default="default")
-    f.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    add_arguments(f, ("segmentation", "crop", "encode"), top=("channel_names", "batch", "cell_table"))
     f.add_argument("-q", "--quiet", action="store_true")
     f.set_defaults(func=_cmd_fields)
 
@@ -479,54 +369,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("profile", help="profile plates end to end on Ray (cells -> sites -> wells -> treatments)",
                         description="Inputs: OME-Zarr HCS plates (NGFF 0.4/0.5), image tables (.parquet/.csv, "
-                                    "load_data.csv columns) or cell arrays (.npz + cells.csv). Rerunning the same "
-                                    "command does only the missing sites. Exit status: 0 everything profiled, "
-                                    "3 something skipped (skipped.csv), 2 error.")
+                                    "load_data.csv columns) or cell arrays (.npz + cells.csv). Every option can "
+                                    "also be set in --config (nested sections segmentation, crop, encode, "
+                                    "sphering, run, or the flags' names). Rerunning the same command does only the "
+                                    "missing sites. Exit status: 0 everything profiled, 3 something skipped "
+                                    "(skipped.csv), 2 error.")
     pr.add_argument("plates", type=Path, nargs="*", help="inputs (or 'inputs' in the config file)")
     pr.add_argument("--out", type=Path, default=None, help="output root")
     pr.add_argument("--config", type=Path, default=None, help="YAML/TOML with any of these options")
-    pr.add_argument("--platemap", type=Path, default=None)
-    pr.add_argument("--batch", default=None, help="Metadata_Batch of the plates (default 'default')")
-    pr.add_argument("--weights", type=Path, default=None, help="default: the shipped weights")
-    pr.add_argument("--mode", choices=("cells", "tiles", "rescale"), default=None)
-    pr.add_argument("--segmenter", choices=("auto", "cellpose", "classical"), default=None)
-    pr.add_argument("--cellpose-model", dest="cellpose_model", default=None)
-    pr.add_argument("--diameter", type=float, default=None)
-    pr.add_argument("--nuclei-channel", dest="nuclei_channel", default=None, help="name or index")
-    pr.add_argument("--labels", default=None, help="use this NGFF label image of each field instead of segmenting")
-    pr.add_argument("--rescale-constant", dest="rescale_constant", type=float, default=None)
-    pr.add_argument("--border", choices=("drop", "faithful", "keep"), default=None)
-    pr.add_argument("--normalization", choices=("default", "faithful"), default=None)
-    pr.add_argument("--max-cells-per-site", dest="max_cells_per_site", type=int, default=None,
-                    help="random subsample of cells per site (seeded)")
-    pr.add_argument("--cell-table", dest="cell_table", type=Path, default=None, help="metadata of a cell array")
-    pr.add_argument("--channel-names", dest="channel_names", default=None, help="for cell arrays: a,b,c")
-    pr.add_argument("--aggregation", choices=("mean", "median"), default=None)
-    pr.add_argument("--sphering-scope", dest="sphering_scope", choices=("plate", "batch", "global", "none"),
-                    default=None)
-    pr.add_argument("--sphering-method", dest="sphering_method", choices=("zca-cor", "zca"), default=None)
-    pr.add_argument("--sphering-regularization", dest="sphering_regularization", choices=REGULARIZATIONS,
-                    default=None, help="mean-eigenvalue: epsilon = the controls' mean eigenvalue (default); "
-                                       "shrinkage: Ledoit-Wolf; epsilon: a fixed epsilon (1e-6 reproduces "
-                                       "pycytominer); faithful: the reference code's knee floor")
-    pr.add_argument("--sphering-epsilon", dest="sphering_epsilon", type=float, default=None,
-                    help="fixed epsilon added to the eigenvalues (implies --sphering-regularization epsilon)")
-    pr.add_argument("--sphering-fit-on", dest="sphering_fit_on", choices=("wells", "sites", "cells"), default=None)
-    pr.add_argument("--sphering-fallback", dest="sphering_fallback", choices=("batch", "global"), default=None,
-                    help="scope to use when a plate has too few controls (default global; recorded in the output)")
-    pr.add_argument("--sphering-required", dest="sphering_required", action="store_true", default=None,
-                    help="fail when there are no negative controls (default: profile without sphering, and say so)")
-    pr.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="planes per encoder call")
-    pr.add_argument("--encoder-actors", dest="encoder_actors", type=int, default=None)
-    pr.add_argument("--crop-actors", dest="crop_actors", type=int, default=None)
-    pr.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
-    pr.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    pr.add_argument("--retry-skipped", dest="retry_skipped", action="store_true", default=None)
-    pr.add_argument("--illum", default=None, metavar="none|compute|FOLDER",
-                    help="illumination correction before segmentation: compute (per plate and channel, as "
-                         "CellProfiler, written to OUT/illum) or a folder of <plate>/<plate>_Illum<Channel>.npy")
-    pr.add_argument("--drop-constant", dest="drop_constant", action="store_true", default=None,
-                    help="remove features constant over a plate (an empty channel) from the profiles")
+    add_arguments(pr)
     pr.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded Ray)")
     pr.add_argument("--num-cpus", dest="num_cpus", type=int, default=None, help="embedded Ray: CPUs (default all)")
     pr.add_argument("--object-store-mb", dest="object_store_mb", type=int, default=None)

@@ -27,6 +27,12 @@ from scipy import ndimage
 from .preprocess import pad_center
 
 BORDER_MODES = ("drop", "faithful", "keep")
+#: Side of the encoder's input, to which every crop is padded (the model card's ``input_size``).
+CROP_SIZE = 224
+#: Rc of the cell-region window (METHOD.md section 4): 2.5 by default, 2 for BBBC021, 1 for LIVECell.
+RESCALE_CONSTANT = 2.5
+#: Overlap of neighbouring tiles in tile mode, as a fraction of the tile.
+TILE_OVERLAP = 0.1
 
 
 def as_chw(image: np.ndarray) -> np.ndarray:
@@ -65,8 +71,8 @@ def object_bboxes(labels: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["label", "r0", "c0", "r1", "c1", "area"])
 
 
-def crop_windows(bboxes: pd.DataFrame, shape: tuple[int, int], rescale_constant: float = 2.5,
-                 size: int = 224) -> pd.DataFrame:
+def crop_windows(bboxes: pd.DataFrame, shape: tuple[int, int], rescale_constant: float = RESCALE_CONSTANT,
+                 size: int = CROP_SIZE) -> pd.DataFrame:
     """The cell-region window of every object (``METHOD.md`` section 4, step 2).
 
     ``L = max(r1 - r0, c1 - c0)``, centre ``rc = r0 + (r1 - r0) // 2`` (same for
@@ -128,7 +134,7 @@ def bboxes_from_centres(x: np.ndarray, y: np.ndarray, object_size: float, shape:
                          "area": np.full(len(x), int(round(object_size ** 2)))})
 
 
-def crop_cells(image: np.ndarray, labels: np.ndarray | None = None, rescale_constant: float = 2.5, size: int = 224,
+def crop_cells(image: np.ndarray, labels: np.ndarray | None = None, rescale_constant: float = RESCALE_CONSTANT, size: int = CROP_SIZE,
                border: str = "drop", min_window: int = 2, bboxes: pd.DataFrame | None = None,
                ) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
     """Cell-region crops of every object, all channels, zero-padded centred.
@@ -193,7 +199,7 @@ def crop_cells(image: np.ndarray, labels: np.ndarray | None = None, rescale_cons
     return crops, table, rejected
 
 
-def tile_starts(side: int, size: int = 224, overlap: float = 0.1) -> np.ndarray:
+def tile_starts(side: int, size: int = CROP_SIZE, overlap: float = TILE_OVERLAP) -> np.ndarray:
     """Tile origins along one axis: ``n = ceil((1 + 2*overlap) * side / size)`` evenly spaced."""
     overlap = float(np.clip(overlap, 0.05, 0.5))
     if side <= size:
@@ -202,7 +208,7 @@ def tile_starts(side: int, size: int = 224, overlap: float = 0.1) -> np.ndarray:
     return np.linspace(0, side - size, n).astype(int)
 
 
-def tile_field(image: np.ndarray, size: int = 224, overlap: float = 0.1) -> tuple[np.ndarray, pd.DataFrame]:
+def tile_field(image: np.ndarray, size: int = CROP_SIZE, overlap: float = TILE_OVERLAP) -> tuple[np.ndarray, pd.DataFrame]:
     """Cut a field into overlapping ``size`` x ``size`` tiles (tile mode).
 
     A side of at most ``size`` gives one tile covering it (zero-padded centred
@@ -222,7 +228,7 @@ def tile_field(image: np.ndarray, size: int = 224, overlap: float = 0.1) -> tupl
     return tiles, table
 
 
-def rescale_field(image: np.ndarray, size: int = 224) -> np.ndarray:
+def rescale_field(image: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
     """Rescaling mode: zero-pad the shorter side centred to a square, then bilinear resize to ``size``.
 
     Returns

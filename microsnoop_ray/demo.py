@@ -16,13 +16,14 @@ if neither exists, a randomly initialised network labelled UNTRAINED is used, lo
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from .io.atomic import write_json
 
 JUMP_CHANNELS = {"DNA": "ch5", "ER": "ch4", "RNA": "ch3", "AGP": "ch1", "Mito": "ch2"}
 
@@ -116,7 +117,7 @@ def demo_plate(out: Path, weights: Path | None, max_cells: int, num_cpus: int | 
     cfg = ProfileConfig.from_mapping({
         "inputs": [str(plate)], "out": str(out), "platemap": str(platemap), "batch": "scellseg-contrast",
         "weights": str(weights) if weights else None, "labels": "cells", "max_cells_per_site": max_cells,
-        "sphering": {"scope": "none"}, "treatment_keys": ["Metadata_cell_type"], "progress": sys.stderr.isatty()})
+        "sphering": {"scope": "none"}, "treatment_keys": ["Metadata_cell_type"]})
     print("2/3 profiling on an embedded Ray: read tasks -> crop actors -> encoder actors -> Parquet")
     ray = _ray(num_cpus)
     try:
@@ -127,7 +128,7 @@ def demo_plate(out: Path, weights: Path | None, max_cells: int, num_cpus: int | 
     rep = write_report(out, summary, color_by="Metadata_cell_type")
     summary["report"] = str(rep)
     summary["total_seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_json(summary, out / "summary.json")
     print(f"done in {summary['total_seconds']} s: {sum(p['cells'] for p in summary['plates'].values())} cells, "
           f"{sum(p['wells'] for p in summary['plates'].values())} wells; report in {rep}/README.md")
     return summary
@@ -233,7 +234,7 @@ def demo_bbbc021(out: Path, weights: Path | None, max_cells: int, num_cpus: int 
         "platemap": str(out / "platemap.csv"), "weights": str(weights) if weights else None,
         "channel_names": ["DNA", "ch1", "ch2"], "max_cells_per_site": max_cells, "cells_chunk": 128,
         "sphering": {"scope": "plate", "fit_on": "sites", "regularization": regularization, "epsilon": epsilon},
-        "progress": sys.stderr.isatty()})
+        })
     ray = _ray(num_cpus)
     try:
         summary = run_profile(cfg)
@@ -255,7 +256,7 @@ def demo_bbbc021(out: Path, weights: Path | None, max_cells: int, num_cpus: int 
     summary["mini_screen"] = measured
     summary["report"] = str(rep)
     summary["total_seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_json(summary, out / "summary.json")
     for name, m in (("wells (in-sample)", measured["wells_in_sample"]), ("held-out sites", measured["sites_held_out"])):
         b, a = m["before_sphering"], m["after_per_plate_sphering"]
         print(f"{name}: DMSO cross-plate / drug-to-DMSO distance ratio {b['ratio']:.3f} before, {a['ratio']:.3f} "

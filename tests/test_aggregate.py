@@ -78,7 +78,8 @@ def test_a_plate_without_controls_is_named():
 
 
 def test_constant_features_and_empty_channels_are_named():
-    from microsnoop_ray.pipeline.plate_job import PlateInfo, constant_features
+    from microsnoop_ray.io.sources import PlateInfo
+    from microsnoop_ray.pipeline.postprocess import constant_features
 
     rng = np.random.default_rng(0)
     feats = {f"Microsnoop_{ch}_{i:03d}": (np.zeros(6) if ch == "RGB2" else rng.normal(size=6))

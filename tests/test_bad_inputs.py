@@ -12,7 +12,8 @@ from conftest import TRANSFLUOR
 from microsnoop_ray.cli import main
 from microsnoop_ray.errors import InputError
 from microsnoop_ray.io.zarr_plate import open_plate, write_plate
-from microsnoop_ray.pipeline.plate_job import Layout
+from microsnoop_ray.io.sources import SiteKey
+from microsnoop_ray.pipeline.layout import Layout
 
 
 def _real():
@@ -135,7 +136,7 @@ def test_missing_chunk_check_fails_loudly_when_it_cannot_look(tmp_path, monkeypa
 @pytest.mark.parametrize("name", ["..", "a/b", "", "x\x00"])
 def test_output_paths_cannot_escape_the_root(tmp_path, name):
     with pytest.raises(InputError, match="safe name"):
-        Layout(tmp_path, "m").site_dir("batch", name, "A01", 1)
+        Layout(tmp_path, "m").site_dir("batch", SiteKey(name, "A01", 1))
 
 
 def test_symlink_out_of_the_output_root_is_refused(tmp_path):
@@ -145,4 +146,4 @@ def test_symlink_out_of_the_output_root_is_refused(tmp_path):
     (root / "embeddings").mkdir(parents=True)
     (root / "embeddings" / "m").symlink_to(outside)
     with pytest.raises(InputError, match="escapes the output root"):
-        Layout(root, "m").site_dir("batch", "P", "A01", 1)
+        Layout(root, "m").site_dir("batch", SiteKey("P", "A01", 1))

@@ -177,7 +177,7 @@ def test_cloud_and_kuberay_configs_keep_token_auth_and_match_the_stack():
     groups = {g["groupName"]: g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
     assert "encoder" in groups["encoder"]["rayStartParams"]["resources"]
     cfg = ProfileConfig.from_mapping(yaml.safe_load((ROOT / "cluster" / "screen-profile.example.yaml").read_text()))
-    assert cfg.crop_resources == {"cropper": 1} and cfg.encode_resources == {"encoder": 1}
+    assert cfg.crop.resources == {"cropper": 1} and cfg.encode.resources == {"encoder": 1}
 
 
 def test_worker_specs_and_whole_cpus():

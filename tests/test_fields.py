@@ -9,7 +9,7 @@ import tifffile
 from microsnoop_ray import Encoder, embed, load_model
 from microsnoop_ray.crop import (bboxes_from_centres, crop_cells, object_bboxes, rescale_field, tile_field,
                                  tile_starts)
-from microsnoop_ray.fields import profile_field
+from microsnoop_ray.encode import profile_field
 from microsnoop_ray.segment import CellposeSegmenter, resolve_cellpose_weights, segment_classical
 
 

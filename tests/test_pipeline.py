@@ -136,7 +136,7 @@ def test_cell_arrays_with_plate_metadata(ray_session, untrained_weights, tmp_pat
     pm = pick[["Metadata_Plate", "Metadata_Well", "Metadata_Compound", "Metadata_Concentration",
                "Metadata_pert_type"]].drop_duplicates()
     pm.to_csv(tmp_path / "map.csv", index=False)
-    cfg.platemap = str(tmp_path / "map.csv")
+    cfg = cfg.replace(platemap=str(tmp_path / "map.csv"))
     summary = run_profile(cfg, progress_print=lambda *a: None)
     assert summary["skipped"] == 1
     left_out = pd.read_csv(tmp_path / "out" / "skipped.csv")
@@ -153,7 +153,7 @@ def test_cell_arrays_with_plate_metadata(ray_session, untrained_weights, tmp_pat
     # without negative controls the profiles are still written, unsphered, and the summary says why
     pm[pm["Metadata_pert_type"] != "negcon"].drop(columns="Metadata_pert_type").to_csv(tmp_path / "map2.csv",
                                                                                       index=False)
-    cfg.platemap = str(tmp_path / "map2.csv")
+    cfg = cfg.replace(platemap=str(tmp_path / "map2.csv"))
     again = run_profile(cfg, progress_print=lambda *a: None)
     assert again["sphering"] == {"applied": False, "reason": "no Metadata_pert_type column in the plate map"}
     assert again["this_run"]["sites_written"] == 0 and again["skipped"] == 1
@@ -170,14 +170,17 @@ def test_profile_command_with_a_config_file_reruns_to_the_same_output(profiled, 
 
     cfg, summary, out = profiled
     before = _digest(out)
-    options = {k: v for k, v in cfg.to_dict().items() if k in ("inputs", "out", "platemap", "weights", "segmenter",
-                                                                 "max_cells_per_site", "batch", "batch_size")}
+    d = cfg.to_dict()  # nested sections in the file, as run_config.yaml writes them
+    options = {**{k: d[k] for k in ("inputs", "out", "platemap", "batch")},
+               "segmentation": {"segmenter": d["segmentation"]["segmenter"]},
+               "crop": {"max_cells_per_site": d["crop"]["max_cells_per_site"]},
+               "encode": {"weights": d["encode"]["weights"], "batch_size": d["encode"]["batch_size"]}}
     (tmp_path / "profile.yaml").write_text(yaml.safe_dump(options))
     code = main(["profile", "--config", str(tmp_path / "profile.yaml"), "-q"])
     assert code == (3 if summary["skipped"] else 0)
     assert _digest(out) == before
     saved = yaml.safe_load((out / "run_config.yaml").read_text())
-    assert saved["max_cells_per_site"] == 3 and saved["batch"] == "2026_demo" and saved["model_id"].startswith(
+    assert saved["crop"]["max_cells_per_site"] == 3 and saved["batch"] == "2026_demo" and saved["model_id"].startswith(
         "microsnoop-UNTRAINED-")
     assert json.loads((out / "summary.json").read_text())["this_run"] == {"sites_written": 0, "sites_skipped": 0}
 
@@ -244,7 +247,7 @@ def test_every_row_carries_its_annotations_model_and_provenance(profiled):
     prov = read_provenance(f)
     assert prov["package"].startswith("microsnoop-ray ") and prov["segmenter_used"].startswith("classical:")
     assert prov["inputs"][0]["path"] == str(Path(cfg.inputs[0]).resolve()) and prov["inputs"][0]["bytes"] > 0
-    assert len(prov["platemap"]["sha256"]) == 64 and prov["config"]["max_cells_per_site"] == 3
+    assert len(prov["platemap"]["sha256"]) == 64 and prov["config"]["crop"]["max_cells_per_site"] == 3
     assert summary["provenance"]["platemap"] == prov["platemap"]
     # footers: only our provenance; no pandas / Arrow schema copies of every column name
     md = pq.read_schema(f).metadata
@@ -329,8 +332,9 @@ def test_illumination_compute_then_folder(ray_session, transfluor_plate, untrain
     cropping; --illum FOLDER reads such files (Cell Painting Gallery names) into the same corrected fields."""
     from microsnoop_ray.io.illum import correct, load_functions
     from microsnoop_ray.io.write import read_provenance
-    from microsnoop_ray.pipeline.plate_job import Layout, list_work, prepare_illumination
-    from microsnoop_ray.pipeline.stages import read_item
+    from microsnoop_ray.pipeline.layout import Layout
+    from microsnoop_ray.pipeline.plate_job import list_work, prepare_illumination
+    from microsnoop_ray.pipeline.stages import read_row
 
     plate, platemap = transfluor_plate
     out = tmp_path / "illum-run"
@@ -353,14 +357,42 @@ def test_illumination_compute_then_folder(ray_session, transfluor_plate, untrain
     np.testing.assert_allclose(feats, embed(crops, model=str(untrained_weights)), atol=1e-5)
     # FOLDER: the same files, read by every field's read task
     cfg2 = ProfileConfig.from_mapping({**cfg.to_dict(), "out": str(tmp_path / "other"), "illum": str(out / "illum")})
-    items, plates, _ = list_work(cfg2)
-    note = prepare_illumination(cfg2, items, plates, Layout(cfg2.out, "m"), progress_print=lambda *a: None)
+    items, note = prepare_illumination(cfg2, list_work(cfg2), Layout(cfg2.out, "m"), progress_print=lambda *a: None)
     assert note["mode"] == "folder" and note["plates"]["Transfluor"]["files"] == [str(func)]
-    row = read_item(next(i for i in items if (i["well"], i["site"]) == (well, site)))
+    row = read_row({"item": next(i for i in items if (i.well, i.site) == (well, site))})
     np.testing.assert_array_equal(row["image"], image)
     # a folder without this plate's files: the fields are refused with the file named
     (tmp_path / "empty").mkdir()
     cfg3 = ProfileConfig.from_mapping({**cfg2.to_dict(), "illum": str(tmp_path / "empty")})
-    items, plates, _ = list_work(cfg3)
-    prepare_illumination(cfg3, items, plates, Layout(cfg3.out, "m"), progress_print=lambda *a: None)
-    assert "Transfluor_IllumGFP.npy" in read_item(items[0])["error"]
+    items, _ = prepare_illumination(cfg3, list_work(cfg3), Layout(cfg3.out, "m"), progress_print=lambda *a: None)
+    error = read_row({"item": items[0]})["error"]
+    assert "Transfluor_IllumGFP.npy" in error and error.startswith(f"plate Transfluor, well {items[0].well}")
+
+
+def test_fields_and_profile_give_the_same_cells_for_the_same_field(profiled, untrained_weights, tmp_path):
+    """`fields` runs the same stages in-process: the cells of a plate's field are those `profile` wrote."""
+    from conftest import TRANSFLUOR
+    from microsnoop_ray.pipeline.fields_job import run_fields
+
+    cfg, summary, out = profiled
+    site_file = sorted(out.glob("embeddings/*/2026_demo/Transfluor/*/embeddings.parquet"))[0]
+    profile_cells = pd.read_parquet(site_file)
+    well, site = profile_cells["Metadata_Well"].iloc[0], int(profile_cells["Metadata_Site"].iloc[0])
+    tif = next(TRANSFLUOR.glob(f"AS_*_{well}f{site - 1:02d}d2.TIF"))
+    fcfg = ProfileConfig.from_mapping({"inputs": [str(tif)], "out": str(tmp_path / "fields"),
+                                       "channel_names": ["GFP"], "segmentation": {"segmenter": "classical"},
+                                       "encode": {"weights": str(untrained_weights), "batch_size": 16}})
+    result = run_fields(fcfg, progress_print=lambda *a: None)
+    assert result["fields"] == 1 and result["skipped"] == 0
+    cells = pd.read_parquet(tmp_path / "fields" / "cells.parquet")
+    assert cells["Metadata_FileName"].unique().tolist() == [tif.name]
+    shared_cols = [c for c in profile_cells.columns if c in cells.columns]
+    assert [c for c in profile_cells.columns if c not in shared_cols] == [
+        "Metadata_Row", "Metadata_Column", "Metadata_pert_type", "Metadata_Compound", "Metadata_Concentration"]
+    mine = cells.set_index("Metadata_ObjectNumber").loc[profile_cells["Metadata_ObjectNumber"]]
+    feats = [c for c in profile_cells if c.startswith("Microsnoop_")]
+    for col in ("Metadata_Crop_Top", "Metadata_Crop_Left", "Metadata_Location_Center_X"):
+        np.testing.assert_array_equal(mine[col].to_numpy(), profile_cells[col].to_numpy())
+    np.testing.assert_allclose(mine[feats].to_numpy(), profile_cells[feats].to_numpy(), atol=1e-5)
+    skipped = pd.read_csv(tmp_path / "fields" / "skipped.csv")
+    assert list(skipped.columns) == list(pd.read_csv(out / "skipped.csv").columns)

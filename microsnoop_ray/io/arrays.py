@@ -91,7 +91,7 @@ def read_image_stack(path: str | Path) -> tuple[object, pd.DataFrame]:
     if not path.exists():
         raise InputError(path, "file or folder does not exist")
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in TIFF_SUFFIXES)
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES)
         if not files:
             raise InputError(path, "folder holds no .tif/.tiff files")
         images = [read_tiff(f) for f in files]

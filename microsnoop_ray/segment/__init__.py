@@ -13,7 +13,12 @@ Supplied label images and supplied object centres skip segmentation
 from .classical import segment_classical
 from .cellpose_backend import CellposeSegmenter, convert_cellpose_weights, resolve_cellpose_weights
 
-__all__ = ["segment_classical", "CellposeSegmenter", "convert_cellpose_weights", "resolve_cellpose_weights",
+#: Segmentation methods: ``auto`` is Cellpose when weights are available, else the classical one.
+SEGMENTERS = ("auto", "cellpose", "classical")
+#: Typical nucleus diameter in pixels that segmentation assumes unless told.
+DIAMETER = 30.0
+
+__all__ = ["SEGMENTERS", "DIAMETER", "segment_classical", "CellposeSegmenter", "convert_cellpose_weights", "resolve_cellpose_weights",
            "make_segmenter", "describe_segmenter"]
 
 
@@ -42,8 +47,8 @@ def make_segmenter(method: str = "auto", cellpose_model=None, diameter: float = 
     import logging
 
     log = logging.getLogger("microsnoop_ray.segment")
-    if method not in ("auto", "cellpose", "classical"):
-        raise ValueError(f"segmenter must be auto, cellpose or classical, not {method!r}")
+    if method not in SEGMENTERS:
+        raise ValueError(f"segmenter must be one of {SEGMENTERS}, not {method!r}")
     if method in ("auto", "cellpose"):
         weights = resolve_cellpose_weights(cellpose_model, required=(method == "cellpose"))
         if weights is not None:

@@ -124,7 +124,9 @@ def pool_from_folder(folder: str | Path, image_type: str | None = None, type_fro
     if not folder.is_dir():
         raise FileNotFoundError(f"pretraining source {folder} is not a folder")
     planes, types, sources, skipped = [], [], [], []
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+    from ..io.sources import image_files
+
+    for path in image_files(folder, IMAGE_SUFFIXES):
         rel = path.relative_to(folder)
         if exclude and fnmatch.fnmatch(path.name, exclude):
             continue
@@ -162,26 +164,26 @@ def pool_from_cell_array(path: str | Path, image_type: str | None = None, key: s
 
 def pool_from_plate(path: str | Path, image_type: str | None = None) -> Pool:
     """Every channel of every field of an OME-Zarr HCS plate."""
-    from ..io.zarr_plate import open_plate
-    plate = open_plate(path)
-    kind = image_type or plate.name
+    from ..io.sources import list_sources
+    work = list_sources([path])
+    kind = image_type or next(iter(work.plates))
     planes, sources = [], []
-    for field in plate.fields():
-        image = plate.read(field)
-        for c, plane in enumerate(to_planes(image)):
+    for item in work.items:
+        for c, plane in enumerate(to_planes(item.load())):
             planes.append(plane)
-            sources.append(f"{plate.name}/{field.well}/{field.site}[{c}]")
+            sources.append(f"{item.plate}/{item.well}/{item.site}[{c}]")
     return Pool(planes, [kind] * len(planes), sources)
 
 
-def cells_from_pool(pool: Pool, suffix: str = "-cells", diameter: float = 30.0, rescale_constant: float = 2.5,
+def cells_from_pool(pool: Pool, suffix: str = "-cells", diameter: float = 30.0, rescale_constant: float | None = None,
                     max_per_plane: int = 200, seed: int = 0) -> Pool:
     """Derive a single-cell type from full fields: classical segmentation, then cell-region crops.
 
     This puts cell-sized images padded with zeros (what inference sees in cell-cropping
     mode) into the pool, as the paper's pool held single-cell data sets beside fields.
     """
-    from ..crop import crop_windows, object_bboxes
+    from ..crop import RESCALE_CONSTANT, crop_windows, object_bboxes
+    rescale_constant = RESCALE_CONSTANT if rescale_constant is None else rescale_constant
     from ..segment.classical import segment_classical
     rng = np.random.default_rng(seed)
     planes, types, sources = [], [], []

@@ -1,0 +1,113 @@
+"""Two executors of the same stages: in-process (no Ray) and Ray Data.
+
+Both feed a :class:`~microsnoop_ray.pipeline.stages.SiteCollector`; what they produce is the
+same, row for row. The in-process one serves ``fields``, notebooks and tests; the Ray one
+``profile`` and the cluster jobs, with its actor pools sized from the running cluster.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from ..io.sources import WorkItem
+from .config import ProfileConfig
+from .stages import CropStage, EncodeStage, SiteCollector, concat_rows, read_row
+
+log = logging.getLogger(__name__)
+
+
+def run_in_process(items: Iterable[WorkItem], crop: CropStage, encode: EncodeStage, collector: SiteCollector,
+                   batch_size: int = 64, fields_per_batch: int = 1) -> None:
+    """Read, crop, encode and collect ``items`` in this process, ``batch_size`` planes per encoder call."""
+    items = list(items)
+    pending: list[dict] = []
+    n_pending = 0
+
+    def flush(final: bool) -> None:
+        nonlocal pending, n_pending
+        if not pending:
+            return
+        rows = concat_rows(pending)
+        n = len(rows["kind"])
+        cut = n if final else n - n % batch_size
+        for start in range(0, cut, batch_size):
+            collector.add(encode({k: v[start:start + batch_size] for k, v in rows.items()}))
+        rest = {k: v[cut:] for k, v in rows.items()}
+        pending, n_pending = ([rest], n - cut) if n - cut else ([], 0)
+
+    for start in range(0, len(items), max(1, fields_per_batch)):
+        read = [read_row({"item": it}) for it in items[start:start + fields_per_batch]]
+        batch = {"item": np.array([r["item"] for r in read] + [None], dtype=object)[:-1],
+                 "image": [r["image"] for r in read], "error": np.array([r["error"] for r in read], dtype=object)}
+        planes = crop(batch)
+        pending.append(planes)
+        n_pending += len(planes["kind"])
+        if n_pending >= batch_size:
+            flush(final=False)
+    flush(final=True)
+
+
+def _fits(total: Mapping[str, float], need: Mapping[str, float] | None) -> int | None:
+    """How many actors that each need the custom resources ``need`` fit in the cluster (None: no need given)."""
+    if not need:
+        return None
+    missing = [k for k in need if total.get(k, 0) < need[k]]
+    if missing:
+        raise ValueError(f"the cluster has no node with the resource(s) {missing} that the actors ask for "
+                         f"(cluster resources: {sorted(k for k in total if not k.startswith('node:'))})")
+    return max(1, min(int(total[k] // v) for k, v in need.items()))
+
+
+def ray_dataset(cfg: ProfileConfig, items: list[WorkItem]):
+    """The Ray Data pipeline over work items (resources taken from the running cluster), and the
+    actor pool sizes it chose: ``(dataset, {"crop_actors": n, "encoder_actors": n})``."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the job prints its own line per plate
+    res = ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 1)), float(res.get("GPU", 0))
+    enc, crop, seg = cfg.encode, cfg.crop, cfg.segmentation
+    use_gpu = enc.device in ("auto", "cuda") and gpus >= 1
+    n_enc = enc.actors or _fits(res, enc.resources) or (int(gpus) if use_gpu else 1)
+    enc_cpus = 0.0 if use_gpu else float(enc.cpus)
+    # leave room for the read tasks: actor pools that reserve every CPU would starve them
+    spare = cpus - n_enc * enc_cpus - 0.5
+    n_crop = crop.actors or _fits(res, crop.resources) or max(1, int(spare // crop.cpus))
+    read_cpus = min(0.25, max(0.05, spare))
+    log.info("pipeline: %d crop actor(s) x %.2f CPU, %d encoder actor(s) x %s, reads %.2f CPU", n_crop,
+             crop.cpus, n_enc, "1 GPU" if use_gpu else f"{enc_cpus} CPU", read_cpus)
+    crop_res = {"num_cpus": crop.cpus}
+    enc_gpus, seg_gpu = 1.0, False
+    if use_gpu and seg.gpu_share > 0:
+        # Cellpose shares each GPU with its encoder actor: the crop actors split the share between them
+        per_gpu = max(1, -(-n_crop // int(gpus)))
+        crop_res["num_gpus"] = seg.gpu_share / per_gpu
+        enc_gpus = 1.0 - seg.gpu_share
+        seg_gpu = True
+    if crop.resources:
+        crop_res["resources"] = dict(crop.resources)
+    enc_res = {"num_gpus": enc_gpus} if use_gpu else {"num_cpus": enc_cpus}
+    if enc.resources:
+        enc_res["resources"] = dict(enc.resources)
+    ds = ray.data.from_items([{"item": it} for it in items], override_num_blocks=max(1, min(len(items), 1000)))
+    ds = ds.map(read_row, num_cpus=read_cpus)
+    ds = ds.map_batches(CropStage, fn_constructor_args=(seg, crop, seg_gpu), batch_size=seg.fields_per_batch,
+                        batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=n_crop), **crop_res)
+    ds = ds.map_batches(EncodeStage, fn_constructor_args=(enc, "cuda" if use_gpu else "cpu"),
+                        batch_size=enc.batch_size, batch_format="numpy",
+                        compute=ActorPoolStrategy(size=n_enc,
+                                                  max_tasks_in_flight_per_actor=max(2, enc.batches_in_flight)),
+                        **enc_res)
+    return ds, {"crop_actors": n_crop, "encoder_actors": n_enc}
+
+
+def run_on_ray(cfg: ProfileConfig, items: list[WorkItem], collector: SiteCollector) -> dict:
+    """Stream ``items`` through :func:`ray_dataset` into ``collector``; returns the pool sizes."""
+    ds, pools = ray_dataset(cfg, items)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        collector.add(batch)
+    return pools

@@ -1,0 +1,125 @@
+"""The ``fields`` job: the pipeline's stages in this process, no Ray, for a handful of fields.
+
+The same stage objects as ``profile`` (read -> segment/crop -> encode -> collect), the same
+per-cell columns and the same skipped table; output under ``out``::
+
+    cells.parquet    one row per cell (or tile), as a site file of ``profile``
+    fields.parquet   one row per field: the mean of its cells, Metadata_Object_Count, Metadata_Objects_Rejected
+    skipped.csv      inputs that gave no profile, and why
+    qc/<field>.png   with ``png``: outlines and crop windows
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..io.fields import read_centres
+from ..io.sources import FileField, SiteKey, list_sources
+from ..io.write import write_parquet
+from ..profiles.aggregate import feature_columns
+from .config import ProfileConfig
+from .executors import run_in_process
+from .layout import site_table, skipped_row, write_skipped
+from .stages import CropStage, EncodeStage, SiteCollector
+
+log = logging.getLogger(__name__)
+
+
+def run_fields(cfg: ProfileConfig, masks: Sequence[str | Path] | None = None, centres: str | Path | None = None,
+               png: bool = False, progress_print=print) -> dict:
+    """Profile the fields of ``cfg.inputs`` (image files, or any input ``profile`` takes) in-process.
+
+    Parameters
+    ----------
+    cfg : ProfileConfig
+        Inputs, ``out``, and the segmentation, crop and encode sections (sphering is not used).
+    masks : paths, optional
+        One label image per image file, same order (instead of segmenting).
+    centres : path, optional
+        Table of object centres (CellProfiler columns) to crop around (instead of segmenting).
+    png : bool
+        Write ``qc/<field>.png``.
+
+    Returns
+    -------
+    dict: ``fields`` profiled, ``skipped`` inputs, ``cells``, ``seconds``, ``outputs``.
+    """
+    from ..qc import draw_field
+    from ..segment import make_segmenter
+
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seg = cfg.segmentation
+    work = list_sources(cfg.inputs, batch=cfg.batch, nuclei_channel=seg.nuclei_channel, labels=seg.labels,
+                        cell_table=cfg.cell_table, channel_names=cfg.channel_names,
+                        max_cells_per_site=cfg.crop.max_cells_per_site, seed=cfg.crop.seed,
+                        cells_per_chunk=cfg.run.cells_chunk, masks=masks,
+                        centres=read_centres(centres) if centres else None, object_size=seg.diameter)
+    files = {it.key: it.file_name for it in work.items if isinstance(it, FileField)}
+    encode = EncodeStage(cfg.encode)
+    card = encode.encoder.model_card
+    model_id = card.model_id if card else "microsnoop-unknown"
+
+    def qc(item, image, labels, prep) -> None:
+        if png:
+            name = Path(item.file_name or f"{item.plate}_{item.well}_{item.site}").stem
+            objects = prep.objects if cfg.crop.mode == "cells" and len(prep.objects) else None
+            n = len(prep.crops)
+            draw_field(image[item.nuclei_channel], out / "qc" / f"{name}.png", labels, objects,
+                       f"{item.file_name or item.where}: {n} {cfg.crop.mode} ({len(prep.rejected)} rejected)"
+                       f"{' SKIPPED' if prep.skip_reason else ''}")
+
+    crop = CropStage(seg, cfg.crop, on_field=qc)
+    if cfg.crop.mode == "cells" and any(crop.needs_segmentation(it) for it in work.items):
+        crop._segment, seg_desc = make_segmenter(seg.segmenter, seg.cellpose_model, seg.diameter)
+        log.info("segmenting with %s", seg_desc)
+    cell_tables, field_rows, skipped = [], [], [dict(p, Metadata_FileName=None) for p in work.problems]
+
+    def write_site(key: SiteKey, cells: pd.DataFrame, dropped: list, rejected: int) -> None:
+        cell_tables.append(site_table(key, cells, model_id, cfg.batch, files.get(key)))
+        field_rows.append((key, len(cells), rejected, cells[feature_columns(cells)].to_numpy().mean(axis=0)))
+        skipped.extend(skipped_row(key, "cell left out", d["reason"], files.get(key)) for d in dropped)
+        progress_print(f"{files.get(key) or key}: {len(cells)} {cfg.crop.mode}")
+
+    def write_skip(key: SiteKey, reason: str) -> None:
+        skipped.append(skipped_row(key, "site not profiled", reason, files.get(key)))
+        progress_print(f"{files.get(key) or key}: skipped: {reason}")
+
+    collector = SiteCollector(write_site, write_skip, {p: i.channels for p, i in work.plates.items()})
+    run_in_process(work.items, crop, encode, collector, batch_size=cfg.encode.batch_size,
+                   fields_per_batch=seg.fields_per_batch)
+    if collector.incomplete():  # the in-process executor hands on every plane: this is a bug
+        raise RuntimeError(f"sites without all their planes: {collector.incomplete()[:5]}")
+    prov = {"command": "fields", "mode": cfg.crop.mode, "segmentation": _segmentation(cfg, work.items),
+            "channels": sorted({tuple(i.channels) for i in work.plates.values()}), "config": cfg.to_dict(),
+            "aggregation": "mean", "model_card": card.to_dict() if card else None}
+    outputs = []
+    if cell_tables:
+        cells = pd.concat(cell_tables, ignore_index=True)
+        outputs.append(write_parquet(cells, out / "cells.parquet", prov))
+        feats = feature_columns(cells)
+        meta = pd.DataFrame([{"Metadata_Plate": k.plate, "Metadata_Well": k.well, "Metadata_Site": k.site,
+                              "Metadata_FileName": files.get(k), "Metadata_Model": model_id,
+                              "Metadata_Object_Count": n, "Metadata_Objects_Rejected": r}
+                             for k, n, r, _ in field_rows])
+        if meta["Metadata_FileName"].isna().all():
+            meta = meta.drop(columns="Metadata_FileName")
+        fields = pd.concat([meta, pd.DataFrame(np.stack([f for *_, f in field_rows]).astype(np.float32),
+                                               columns=feats)], axis=1)
+        outputs.append(write_parquet(fields, out / "fields.parquet", prov))
+    write_skipped(skipped, out / "skipped.csv")
+    n_skipped = sum(1 for s in skipped if s["kind"] == "site not profiled")
+    progress_print(f"{len(field_rows)} fields profiled, {n_skipped} skipped (see {out / 'skipped.csv'})")
+    return {"fields": len(field_rows), "skipped": len(skipped), "cells": int(sum(n for _, n, _, _ in field_rows)),
+            "seconds": round(time.perf_counter() - t0, 2), "outputs": [str(p) for p in outputs]}
+
+
+def _segmentation(cfg: ProfileConfig, items) -> str:
+    from .plate_job import run_provenance
+    return run_provenance(cfg, items)["segmenter_used"]
