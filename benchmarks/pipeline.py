@@ -29,17 +29,17 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bbbc021
 
 
 class PeakRSS:
-    """Samples the summed RSS of this process and all its descendants (Ray workers included)."""
+    """Samples the summed RSS of this process and (``children``) all its descendants, Ray workers included."""
 
-    def __init__(self, interval: float = 0.2):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+    def __init__(self, interval: float = 0.2, children: bool = True):
+        self.interval, self.peak, self.children, self._stop = interval, 0, children, threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         me = psutil.Process()
         while not self._stop.is_set():
             total = 0
-            for p in [me] + me.children(recursive=True):
+            for p in [me] + (me.children(recursive=True) if self.children else []):
                 try:
                     total += p.memory_info().rss
                 except psutil.Error:

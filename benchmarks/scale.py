@@ -21,38 +21,14 @@ import platform
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from pipeline import PeakRSS  # noqa: E402  (benchmarks/pipeline.py)
 TRANSFLUOR = ROOT.parent / "shared" / "data" / "pretrain" / "cellprofiler_examples" / "ExampleIlluminationCorrection" / "images"
 PATTERN = r"AS_\d+_\d+_(?P<well>[A-P]\d{2})f(?P<site>\d{2})d(?P<channel>\d)\.TIF"
-
-
-class DriverPeak:
-    """Peak RSS of this process alone, sampled (Ray's workers are other processes)."""
-
-    def __init__(self, interval: float = 0.05):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        me = psutil.Process()
-        while not self._stop.is_set():
-            self.peak = max(self.peak, me.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
 
 
 def make_plates(n: int, root: Path) -> list[Path]:
@@ -103,7 +79,7 @@ def main() -> None:
             t = time.perf_counter()
             work = list_work(cfg)
             list_s = time.perf_counter() - t
-            with DriverPeak() as peak:
+            with PeakRSS(interval=0.05, children=False) as peak:
                 t = time.perf_counter()
                 summary = run_profile(cfg, progress_print=lambda *a: None)
                 wall = time.perf_counter() - t
