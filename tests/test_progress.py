@@ -49,3 +49,18 @@ def test_ray_messages_go_to_the_log_file_not_the_terminal(tmp_path, capsys):
     assert "a Ray Data warning" in text and "a deprecation from a dependency" in text and "our own error" in text
     assert "after the job" not in text
     assert terminal.getvalue() == "after the job\n"  # muted while the job ran, restored after it
+
+
+def test_pictures_leave_the_callers_matplotlib_backend_alone(tmp_path):
+    import matplotlib
+    import numpy as np
+
+    from microsnoop_ray.qc import draw_field
+
+    matplotlib.use("svg")  # e.g. a notebook's or an application's own choice
+    plane = np.random.default_rng(0).integers(0, 255, (64, 64)).astype(np.uint8)
+    labels = np.zeros((64, 64), np.int32)
+    labels[20:30, 20:30] = 1
+    path = draw_field(plane, tmp_path / "qc.png", labels, title="field")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.get_backend() == "svg"
