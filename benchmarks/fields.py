@@ -19,7 +19,7 @@ import torch
 
 from microsnoop_ray.encode import Encoder
 from microsnoop_ray.encode import profile_field
-from microsnoop_ray.io.registry import fetch_package_files
+from microsnoop_ray.datasets import fetch_package_files
 from microsnoop_ray.model import MicrosnoopUNet
 from microsnoop_ray.segment import CellposeSegmenter, resolve_cellpose_weights, segment_classical
 

@@ -37,7 +37,7 @@ def main() -> None:
 
     from microsnoop_ray.encode import Encoder, embed
     from microsnoop_ray.evaluate import knn_accuracy
-    from microsnoop_ray.io.registry import fetch_package_files
+    from microsnoop_ray.datasets import fetch_package_files
     from microsnoop_ray.io.tables import sample_per_group
     from microsnoop_ray.model import MicrosnoopUNet, load_model
     from microsnoop_ray.train.reconstruct import center_target, reconstruct

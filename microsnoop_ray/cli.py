@@ -42,7 +42,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from .encode import Encoder, check_images, embed, feature_names
-    from .io.arrays import read_image_stack, read_metadata_table
+    from .io.arrays import read_metadata_table
+    from .io.sources import read_image_stack
     from .io.write import profile_table, write_parquet
 
     cfg = _config(args, require_inputs=False)

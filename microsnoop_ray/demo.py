@@ -104,7 +104,7 @@ def _ray(num_cpus: int | None):
 
 def demo_plate(out: Path, weights: Path | None, max_cells: int, num_cpus: int | None) -> dict:
     """The README's main job: a real plate from the package index through the whole pipeline."""
-    from .io.registry import fetch_package_files
+    from .datasets import fetch_package_files
     from .pipeline.plate_job import ProfileConfig, run_profile
     from .report import write_report
 

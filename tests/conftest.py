@@ -52,7 +52,7 @@ def published_ckpt(tmp_path_factory, published_sd):
 @pytest.fixture(scope="session")
 def registry_example():
     """Real images from distributions on the package index (downloaded once, cached)."""
-    from microsnoop_ray.io.registry import fetch_package_files
+    from microsnoop_ray.datasets import fetch_package_files
 
     cache = {}
 

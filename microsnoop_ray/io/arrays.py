@@ -72,40 +72,6 @@ def npz_columns(path: str | Path, n: int, skip: str = "images") -> dict[str, np.
         return {k: data[k] for k in data.files if k != skip and data[k].ndim == 1 and len(data[k]) == n}
 
 
-def read_image_stack(path: str | Path) -> tuple[object, pd.DataFrame]:
-    """Open an image stack for :func:`microsnoop_ray.embed`.
-
-    Parameters
-    ----------
-    path : str or Path
-        ``.npy`` (memory-mapped), ``.npz`` with key ``images`` (other 1-D arrays
-        of length N become ``Metadata_<key>`` columns), or a folder of TIFFs
-        (sorted by name; ``Metadata_FileName`` is recorded).
-
-    Returns
-    -------
-    images : ndarray (N, C, H, W) or list of (C, H, W) arrays
-    metadata : DataFrame with N rows (possibly no columns)
-    """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "file or folder does not exist")
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES)
-        if not files:
-            raise InputError(path, "folder holds no .tif/.tiff files")
-        images = [read_tiff(f) for f in files]
-        return images, pd.DataFrame({"Metadata_FileName": [f.name for f in files]})
-    suffix = path.suffix.lower()
-    if suffix in (".npy", ".npz"):
-        images = load_array(path)
-        n = len(images) if images.ndim else 0
-        meta = {} if suffix == ".npy" else npz_columns(path, n)
-        meta = {k if k.startswith("Metadata_") else f"Metadata_{k}": v for k, v in meta.items()}
-        return images, pd.DataFrame(meta, index=range(n))
-    raise InputError(path, f"unsupported input type '{suffix}': expected .npy, .npz or a folder of TIFFs")
-
-
 def read_metadata_table(path: str | Path, n: int) -> pd.DataFrame:
     """A CSV/Parquet table with one row per image; columns get the ``Metadata_`` prefix."""
     path = Path(path)

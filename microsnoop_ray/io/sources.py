@@ -10,7 +10,8 @@ item knows how to read its pixels (:meth:`WorkItem.load`) and how to name itself
 ``CellChunk``   a chunk of pre-cropped cells of one site, rows of a cell array (``.npy``/``.npz``)
 
 :func:`list_sources` expands the inputs of ``profile`` and ``fields``; the pretraining pool and
-``embed`` read the same files through :func:`image_files` and :func:`~microsnoop_ray.io.arrays.load_array`.
+``embed`` (:func:`read_image_stack`) read the same files through :func:`image_files` and
+:func:`~microsnoop_ray.io.arrays.load_array`.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from .arrays import load_array
+from .arrays import TIFF_SUFFIXES, load_array, npz_columns, read_tiff
 from .fields import read_field
 from .tables import read_cell_array, read_image_table, sample_per_group
 from .zarr_plate import FieldRef, open_plate
@@ -370,3 +371,37 @@ def _loose_items(files, batch, nuclei_channel, channel_names, masks, centres, ob
                                object_size=object_size))
     for plate, keys in by_plate.items():
         add_plate(PlateInfo(plate, batch, channels, str(files[0].parent), keys))
+
+
+def read_image_stack(path: str | Path) -> tuple[object, pd.DataFrame]:
+    """Open an image stack for :func:`microsnoop_ray.embed`.
+
+    Parameters
+    ----------
+    path : str or Path
+        ``.npy`` (memory-mapped), ``.npz`` with key ``images`` (other 1-D arrays
+        of length N become ``Metadata_<key>`` columns), or a folder of TIFFs
+        (sorted by name; ``Metadata_FileName`` is recorded).
+
+    Returns
+    -------
+    images : ndarray (N, C, H, W) or list of (C, H, W) arrays
+    metadata : DataFrame with N rows (possibly no columns)
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "file or folder does not exist")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES)
+        if not files:
+            raise InputError(path, "folder holds no .tif/.tiff files")
+        images = [read_tiff(f) for f in files]
+        return images, pd.DataFrame({"Metadata_FileName": [f.name for f in files]})
+    suffix = path.suffix.lower()
+    if suffix in (".npy", ".npz"):
+        images = load_array(path)
+        n = len(images) if images.ndim else 0
+        meta = {} if suffix == ".npy" else npz_columns(path, n)
+        meta = {k if k.startswith("Metadata_") else f"Metadata_{k}": v for k, v in meta.items()}
+        return images, pd.DataFrame(meta, index=range(n))
+    raise InputError(path, f"unsupported input type '{suffix}': expected .npy, .npz or a folder of TIFFs")

@@ -216,7 +216,12 @@ def run_profile(cfg: ProfileConfig, progress_print=print, log_file: str | Path |
         collector = SiteCollector(write_site, write_skip, {p: i.channels for p, i in plates.items()}, on_site)
         t_run = time.perf_counter()
         with ray_output_to(log_file):
-            pools = run_on_ray(cfg, todo, collector)
+            try:
+                pools = run_on_ray(cfg, todo, collector)
+            except Exception:  # a bug, or the cluster failing: the traceback goes to the log and up
+                log.exception("profile failed after %d of %d site(s); finished sites stay written, a rerun of "
+                              "the same command does the rest", collector.sites_done, len(sites_todo))
+                raise
         if progress:
             progress.close()
         counts["duplicate_rows_ignored"] = collector.duplicates

@@ -45,6 +45,7 @@ class PlateProgress:
         self.skipped: dict[str, int] = dict.fromkeys(self.todo, 0)
         self.cells: dict[str, int] = dict.fromkeys(self.todo, 0)
         self._last_print = -1e9
+        self._last_event = self.t0
         self._open_line = False
 
     def line(self, plate: str) -> str:
@@ -61,12 +62,13 @@ class PlateProgress:
         plate = key.plate
         if plate not in self.todo:
             return
-        self.started.setdefault(plate, self.t0 if not self.started else self.clock())
+        # a plate's clock starts when the site before its first one finished (the job's start for the first)
+        self.started.setdefault(plate, self._last_event)
         self.sites[plate] += 1
         self.cells[plate] += int(n_cells or 0)
         self.skipped[plate] += n_cells is None
         finished = self.sites[plate] >= self.todo[plate]
-        now = self.clock()
+        now = self._last_event = self.clock()
         if finished:
             elapsed = now - self.started[plate]
             self._write(f"  {plate} done: {self.sites[plate]} sites ({self.skipped[plate]} skipped), "
@@ -107,6 +109,7 @@ def ray_output_to(log_file: str | Path | None) -> Iterator[Path | None]:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     changed: list[tuple[logging.Logger, bool]] = []
+    ours = logging.getLogger("microsnoop_ray")
     logging.captureWarnings(True)
     try:
         for name in _RAY_LOGGERS:
@@ -117,10 +120,12 @@ def ray_output_to(log_file: str | Path | None) -> Iterator[Path | None]:
             for h in lg.handlers:
                 if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
                     h.addFilter(_mute)
+        ours.addHandler(handler)  # the package's own records: in the log too, and on the terminal as before
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             yield path
     finally:
+        ours.removeHandler(handler)
         for lg, propagate in changed:
             lg.removeHandler(handler)
             lg.propagate = propagate

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..io.registry import cache_dir
+from ..config import cache_dir
 
 log = logging.getLogger("microsnoop_ray.segment")
 

