@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 
 from .errors import InputError, MicrosnoopError
@@ -39,48 +38,18 @@ def _config(args: argparse.Namespace, require_inputs: bool = True, **extra):
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from .encode import Encoder, check_images, embed, feature_names
-    from .io.arrays import read_metadata_table
-    from .io.sources import read_image_stack
-    from .io.write import profile_table, write_parquet
+    from .config import load_config
+    from .pipeline.embed_job import run_embed
 
     cfg = _config(args, require_inputs=False)
-    images, meta = read_image_stack(args.input)
-    n, c = check_images(images, str(args.input))
-    names = list(cfg.channel_names) if cfg.channel_names else [f"ch{i}" for i in range(c)]
-    if len(names) != c or len(set(names)) != c or not all(names):
-        raise MicrosnoopError(f"{args.input}: --channel-names gives {len(names)} distinct non-empty names "
-                              f"for {c} channels: {','.join(names)!r}")
-    if args.metadata:
-        meta = pd.concat([meta, read_metadata_table(args.metadata, n)], axis=1)
-    enc = cfg.encode
-    given = getattr(args, "encode.compile") is not None or "compile" in (_file_section(args, "encode"))
-    compile_ = enc.compile if given else n * c >= 512
-    encoder = Encoder(enc.weights, device="cpu" if enc.device == "auto" else enc.device, compile=compile_,
-                      precision=enc.precision)
-    t0 = time.perf_counter()
-    feats = embed(images, batch_size=enc.batch_size, normalization=enc.normalization,
-                  source=str(args.input), progress=not args.quiet and n >= 64, encoder=encoder)
-    seconds = time.perf_counter() - t0
-    meta.insert(0, "Metadata_ImageIndex", range(n))
-    table = profile_table(meta, feats, feature_names(names))
-    card = encoder.model_card
-    write_parquet(table, args.out, provenance={
-        "command": "embed", "input": str(args.input), "channels": names, "config": cfg.encode.__dict__,
-        "model_card": card.to_dict() if card else None, "normalization": enc.normalization,
-    })
+    in_file = "compile" in dict(load_config(args.config).get("encode") or {})
+    given = getattr(args, "encode.compile") is not None or in_file
+    r = run_embed(args.input, args.out, cfg.encode, cfg.channel_names, args.metadata,
+                  compile=cfg.encode.compile if given else None, progress=not args.quiet)
     if not args.quiet:
-        print(f"embedded {n} images x {c} channels with {card.model_id if card else 'model'} "
-              f"in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} images/s) -> {args.out}")
+        print(f"embedded {r['images']} images x {r['channels']} channels with {r['model_id']} in {r['seconds']:.1f} s "
+              f"({r['images'] / max(r['seconds'], 1e-9):.1f} images/s) -> {args.out}")
     return 0
-
-
-def _file_section(args: argparse.Namespace, section: str) -> dict:
-    from .config import load_config
-
-    return dict(load_config(args.config).get(section) or {})
 
 
 def _cmd_fields(args: argparse.Namespace) -> int:
@@ -178,33 +147,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
     import json
 
-    import numpy as np
+    from .train.reconstruct import reconstruct_files
 
-    from .io.fields import read_field
-    from .model.load import load_model
-    from .train.reconstruct import busiest_window, center_target, reconstruct, reconstruction_figure
-
-    model = load_model(args.weights)
-    if not getattr(model, "has_decoder", True):
-        raise InputError(args.weights or "default weights", "encoder-only weights cannot reconstruct images")
-    targets, titles = [], []
-    for path in args.images:
-        image = read_field(path)
-        c = min(args.channel, image.shape[0] - 1)
-        at = busiest_window(image[c], args.size) if args.window == "busiest" else None
-        targets.append(center_target(image[c], args.size, at))
-        titles.append(f"{path.name} [ch {c}]" + (f"\nwindow at row {at[0]}, column {at[1]}" if at else ""))
-    targets = np.stack(targets)
-    result = reconstruct(model, targets, ratio=args.mask_ratio, seed=args.seed)
-    reconstruction_figure(targets, result, args.out, titles)
-    report = {"weights": getattr(model, "weights_path", None),
-              "model_id": model.model_card.model_id if model.model_card else None,
-              "images": [str(p) for p in args.images],
-              "mse_masked": float(result["mse_masked"].mean()),
-              "mse_masked_zero_prediction": float(result["mse_masked_zero"].mean()),
-              "mse_masked_visible_mean": float(result["mse_masked_mean"].mean()),
-              "per_image": [float(v) for v in result["mse_masked"]], "figure": str(args.out)}
-    print(json.dumps(report))
+    print(json.dumps(reconstruct_files(args.images, args.out, args.weights, args.window, args.channel, args.size,
+                                       args.mask_ratio, args.seed)))
     return 0
 
 
@@ -242,44 +188,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text)
-    print(text if not args.json else _headline(summary))
+    print(text if not args.json else commands.headline(summary))
     return 0
 
 
-def _headline(s: dict) -> str:
-    if s["metric"] == "nsc":
-        return (f"NSC {s['nsc']['correct']}/{s['nsc']['total']} ({s['nsc']['accuracy']:.3f}), "
-                f"NSCB {s['nscb']['correct']}/{s['nscb']['total']} ({s['nscb']['accuracy']:.3f})")
-    if s["metric"] == "map":
-        return f"mean mAP {s['mean_map']:.3f}, fraction retrieved {s['fraction_retrieved']:.3f} ({s['n_groups']} groups)"
-    if s["metric"] == "silhouette":
-        return f"silhouette {s['silhouette']:.3f} ({s['n']} rows)"
-    extra = f" ± {s['sd']:.3f}" if "sd" in s else ""
-    return f"{s['metric']} accuracy {s['accuracy']:.3f}{extra}, macro F1 {s['macro_f1']:.3f} ({s['n']} rows)"
-
-
 def _evaluate_suites(args: argparse.Namespace) -> int:
-    from .evaluate.report import write_report
-    from .evaluate.suites import SUITES, run_suite, table_markdown
+    from .evaluate.suites import run_suites
 
-    names = list(SUITES) if args.suite == "all" else args.suite.split(",")
-    unknown = [n for n in names if n not in SUITES]
-    if unknown:
-        raise MicrosnoopError(f"unknown suite(s) {unknown}; choose from {sorted(SUITES)} or 'all'")
-    methods = args.methods.split(",")
-    opts = {"mlcp-cellcycle": {"per_class": args.per_class, "seed": args.seed},
-            "bbbc021-chx": {"per_well": args.per_well, "seed": args.seed, "null_size": args.null_size},
-            "bbbc021-cp-profiles": {"seed": args.seed},
-            "lincs-plate": {"seed": args.seed, "null_size": args.null_size}}
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    for name in names:
-        try:
-            doc = run_suite(name, args.data, args.out, methods, args.weights, log=log, **opts[name])
-        except ValueError as exc:
-            raise MicrosnoopError(f"suite {name}: {exc}") from None
-        print(f"\n## {name}\n")
-        print(table_markdown(doc))
-    md, _ = write_report(args.out)
+    try:
+        md = run_suites(args.suite, args.data, args.out, args.methods.split(","), args.weights, log=log,
+                        per_class=args.per_class, per_well=args.per_well, seed=args.seed, null_size=args.null_size,
+                        show=print)
+    except ValueError as exc:
+        raise MicrosnoopError(str(exc)) from None
     print(f"results in {args.out}; report {md}")
     return 0
 

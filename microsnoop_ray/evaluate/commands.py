@@ -134,3 +134,16 @@ def evaluate_map(df: pd.DataFrame, pert: Sequence[str], question: str = "activit
     if "Metadata_pert_type" in df:
         labels = np.where(negative_controls(df), "negative control", labels)
     return {"metric": "map", **res}, X, labels
+
+
+def headline(s: dict) -> str:
+    """One line of an evaluation summary (the command prints it when the JSON goes to a file)."""
+    if s["metric"] == "nsc":
+        return (f"NSC {s['nsc']['correct']}/{s['nsc']['total']} ({s['nsc']['accuracy']:.3f}), "
+                f"NSCB {s['nscb']['correct']}/{s['nscb']['total']} ({s['nscb']['accuracy']:.3f})")
+    if s["metric"] == "map":
+        return f"mean mAP {s['mean_map']:.3f}, fraction retrieved {s['fraction_retrieved']:.3f} ({s['n_groups']} groups)"
+    if s["metric"] == "silhouette":
+        return f"silhouette {s['silhouette']:.3f} ({s['n']} rows)"
+    extra = f" ± {s['sd']:.3f}" if "sd" in s else ""
+    return f"{s['metric']} accuracy {s['accuracy']:.3f}{extra}, macro F1 {s['macro_f1']:.3f} ({s['n']} rows)"

@@ -387,3 +387,28 @@ def table_markdown(doc: dict) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def run_suites(which: str, data, out, methods, weights=None, log=print, per_class: int = 100, per_well: int = 40,
+               seed: int = 0, null_size: int = 10000, show=print):
+    """Run the suites named in ``which`` (comma-separated, or ``all``), ``show`` each one's table, and
+    write the report; returns the report's Markdown path. Raises ValueError naming a failed suite."""
+    from .report import write_report
+
+    names = list(SUITES) if which == "all" else which.split(",")
+    unknown = [n for n in names if n not in SUITES]
+    if unknown:
+        raise ValueError(f"unknown suite(s) {unknown}; choose from {sorted(SUITES)} or 'all'")
+    opts = {"mlcp-cellcycle": {"per_class": per_class, "seed": seed},
+            "bbbc021-chx": {"per_well": per_well, "seed": seed, "null_size": null_size},
+            "bbbc021-cp-profiles": {"seed": seed},
+            "lincs-plate": {"seed": seed, "null_size": null_size}}
+    for name in names:
+        try:
+            doc = run_suite(name, Path(data), Path(out), methods, weights, log=log, **opts[name])
+        except ValueError as exc:
+            raise ValueError(f"suite {name}: {exc}") from None
+        show(f"\n## {name}\n")
+        show(table_markdown(doc))
+    md, _ = write_report(out)
+    return md

@@ -82,3 +82,33 @@ def reconstruction_figure(targets: np.ndarray, result: dict, path: str | Path, t
             axes[i, j].set_axis_off()
             axes[i, j].set_title(name if not (j == 0 and i < len(titles)) else f"{titles[i]}", fontsize=8)
     return save_figure(fig, path, dpi=100)
+
+
+def reconstruct_files(images, out, weights=None, window: str = "center", channel: int = 0, size: int = 224,
+                      mask_ratio: float = 0.25, seed: int = 0) -> dict:
+    """Mask and reconstruct one ``size`` window (``center`` or ``busiest``) of one channel of each
+    field file; write the figure to ``out`` and return the masked-region MSEs (and two baselines)."""
+    from ..errors import InputError
+    from ..io.fields import read_field
+    from ..model.load import load_model
+
+    model = load_model(weights)
+    if not getattr(model, "has_decoder", True):
+        raise InputError(weights or "default weights", "encoder-only weights cannot reconstruct images")
+    targets, titles = [], []
+    for path in map(Path, images):
+        image = read_field(path)
+        c = min(channel, image.shape[0] - 1)
+        at = busiest_window(image[c], size) if window == "busiest" else None
+        targets.append(center_target(image[c], size, at))
+        titles.append(f"{path.name} [ch {c}]" + (f"\nwindow at row {at[0]}, column {at[1]}" if at else ""))
+    targets = np.stack(targets)
+    result = reconstruct(model, targets, ratio=mask_ratio, seed=seed)
+    reconstruction_figure(targets, result, out, titles)
+    return {"weights": getattr(model, "weights_path", None),
+            "model_id": model.model_card.model_id if model.model_card else None,
+            "images": [str(p) for p in images],
+            "mse_masked": float(result["mse_masked"].mean()),
+            "mse_masked_zero_prediction": float(result["mse_masked_zero"].mean()),
+            "mse_masked_visible_mean": float(result["mse_masked_mean"].mean()),
+            "per_image": [float(v) for v in result["mse_masked"]], "figure": str(out)}
