@@ -104,6 +104,10 @@ def ray_output_to(log_file: str | Path | None) -> Iterator[Path | None]:
     if log_file is None:
         yield None
         return
+    try:  # Ray Data sets up its console handler when it is first imported: do that first, then mute it
+        import ray.data  # noqa: F401
+    except ImportError:
+        pass
     path = Path(log_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
