@@ -33,19 +33,25 @@ def test_live_line_is_rewritten_in_place():
 
 
 def test_ray_messages_go_to_the_log_file_not_the_terminal(tmp_path, capsys):
+    import ray.data  # noqa: F401  (Ray Data configures its logger on import)
+
     terminal = io.StringIO()
     ray_logger = logging.getLogger("ray.data")
     stream = logging.StreamHandler(terminal)
     ray_logger.addHandler(stream)
     try:
-        with ray_output_to(tmp_path / "logs" / "profile.log") as path:
+        with ray_output_to(tmp_path / "logs" / "profile.log") as term:
+            import os
+            os.write(2, b"[E core_worker.cc] what Ray's C++ side prints\n")
+            assert term.fileno() != 2
             ray_logger.warning("a Ray Data warning")
             warnings.warn("a deprecation from a dependency", DeprecationWarning)
             logging.getLogger("microsnoop_ray.pipeline").error("our own error")
         ray_logger.warning("after the job")
     finally:
         ray_logger.removeHandler(stream)
-    text = path.read_text()
+    text = (tmp_path / "logs" / "profile.log").read_text()
+    assert "what Ray's C++ side prints" in text
     assert "a Ray Data warning" in text and "a deprecation from a dependency" in text and "our own error" in text
     assert "after the job" not in text
     assert terminal.getvalue() == "after the job\n"  # muted while the job ran, restored after it

@@ -210,20 +210,25 @@ def run_profile(cfg: ProfileConfig, progress_print=print, log_file: str | Path |
         per_plate: dict[str, int] = {}
         for key in sites_todo:
             per_plate[key.plate] = per_plate.get(key.plate, 0) + 1
-        progress = PlateProgress(per_plate) if cfg.run.progress else None
-        on_site = (lambda key, cells: progress.site_done(key, None if cells is None else len(cells))) \
-            if progress else None
+        progress: PlateProgress | None = None
+
+        def on_site(key: SiteKey, cells: pd.DataFrame | None) -> None:
+            if progress is not None:
+                progress.site_done(key, None if cells is None else len(cells))
+
         collector = SiteCollector(write_site, write_skip, {p: i.channels for p, i in plates.items()}, on_site)
         t_run = time.perf_counter()
-        with ray_output_to(log_file):
+        with ray_output_to(log_file) as terminal:
+            progress = PlateProgress(per_plate, stream=terminal) if cfg.run.progress else None
             try:
                 pools = run_on_ray(cfg, todo, collector)
             except Exception:  # a bug, or the cluster failing: the traceback goes to the log and up
                 log.exception("profile failed after %d of %d site(s); finished sites stay written, a rerun of "
                               "the same command does the rest", collector.sites_done, len(sites_todo))
                 raise
-        if progress:
-            progress.close()
+            finally:
+                if progress is not None:
+                    progress.close()
         counts["duplicate_rows_ignored"] = collector.duplicates
         counts["pipeline_seconds"] = round(time.perf_counter() - t_run, 2)
         counts["encoder_busy_seconds"] = round(collector.encode_seconds, 2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 import warnings
@@ -97,12 +98,15 @@ _RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "py.warnings")
 
 
 @contextlib.contextmanager
-def ray_output_to(log_file: str | Path | None) -> Iterator[Path | None]:
-    """While the block runs, Ray's log records and Python warnings go to ``log_file`` (appended)
-    instead of the terminal; ``None`` changes nothing (``--verbose``). The package's own errors
-    still reach the terminal."""
+def ray_output_to(log_file: str | Path | None) -> Iterator[TextIO]:
+    """While the block runs, Ray's output goes to ``log_file`` (appended) instead of the terminal:
+    its Python log records, Python warnings, and what its C++ core worker writes to file descriptor 2
+    (e.g. the "constructor arguments in the object store" line, Ray issue 57733). Yields the terminal
+    (the original stderr) for the job's own progress lines. ``None`` changes nothing (``--verbose``)
+    and yields ``sys.stderr``. The package's own records go to the log and, after the block, its
+    errors propagate to the terminal as usual."""
     if log_file is None:
-        yield None
+        yield sys.stderr
         return
     try:  # Ray Data sets up its console handler when it is first imported: do that first, then mute it
         import ray.data  # noqa: F401
@@ -114,6 +118,11 @@ def ray_output_to(log_file: str | Path | None) -> Iterator[Path | None]:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     changed: list[tuple[logging.Logger, bool]] = []
     ours = logging.getLogger("microsnoop_ray")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    terminal = os.fdopen(os.dup(saved), "w", buffering=1)
+    log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(log_fd, 2)
     logging.captureWarnings(True)
     try:
         for name in _RAY_LOGGERS:
@@ -124,11 +133,16 @@ def ray_output_to(log_file: str | Path | None) -> Iterator[Path | None]:
             for h in lg.handlers:
                 if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
                     h.addFilter(_mute)
-        ours.addHandler(handler)  # the package's own records: in the log too, and on the terminal as before
+        ours.addHandler(handler)  # the package's own records: in the log too
         with warnings.catch_warnings():
             warnings.simplefilter("default")
-            yield path
+            yield terminal
     finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        for fd in (saved, log_fd):
+            os.close(fd)
+        terminal.close()
         ours.removeHandler(handler)
         for lg, propagate in changed:
             lg.removeHandler(handler)
