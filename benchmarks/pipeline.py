@@ -117,6 +117,7 @@ def main() -> None:
                      "peak_rss_mb_all_processes": round(pipe_mem.peak / 2**20),
                      "includes": "Ray Data start-up, reads, crop actors, encoder actor start (model load), "
                                  "Parquet writes, aggregation"},
+        "this_run": summary["this_run"],
         "ratio_pipeline_to_bare": round(pipe / bare, 3), "target": 0.9,
         "object_store_bytes_per_plane": handoff}, indent=1))
 
