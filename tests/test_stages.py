@@ -3,7 +3,6 @@ embed(); sites complete, rows delivered twice counted once, SKIP and DROP rows a
 import numpy as np
 import pandas as pd
 import pytest
-import tifffile
 
 from conftest import TRANSFLUOR, shared
 from microsnoop_ray.encode import embed
