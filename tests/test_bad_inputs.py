@@ -147,3 +147,12 @@ def test_symlink_out_of_the_output_root_is_refused(tmp_path):
     (root / "embeddings" / "m").symlink_to(outside)
     with pytest.raises(InputError, match="escapes the output root"):
         Layout(root, "m").site_dir("batch", SiteKey("P", "A01", 1))
+
+
+def test_profile_refuses_loose_image_files_and_names_them(tmp_path):
+    from microsnoop_ray.pipeline.plate_job import ProfileConfig, list_work
+
+    tifffile.imwrite(tmp_path / "field.tif", np.ones((32, 32), np.uint16))
+    cfg = ProfileConfig.from_mapping({"inputs": [str(tmp_path / "field.tif")], "out": str(tmp_path / "out")})
+    with pytest.raises(InputError, match=r"field\.tif: an image file without a plate and well.*microsnoop-ray fields"):
+        list_work(cfg)

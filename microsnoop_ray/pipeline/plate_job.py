@@ -34,10 +34,16 @@ __all__ = ["ProfileConfig", "run_profile", "list_work", "prepare_illumination", 
 
 def list_work(cfg: ProfileConfig) -> Work:
     """The work items, plates and input problems of ``cfg.inputs`` (:func:`~microsnoop_ray.io.sources.list_sources`)."""
-    return list_sources(cfg.inputs, batch=cfg.batch, nuclei_channel=cfg.segmentation.nuclei_channel,
+    work = list_sources(cfg.inputs, batch=cfg.batch, nuclei_channel=cfg.segmentation.nuclei_channel,
                         labels=cfg.segmentation.labels, cell_table=cfg.cell_table, channel_names=cfg.channel_names,
                         max_cells_per_site=cfg.crop.max_cells_per_site, seed=cfg.crop.seed,
                         cells_per_chunk=cfg.run.cells_chunk)
+    loose = [it for it in work.items if it.well is None]
+    if loose:  # wells are what the plate profiles are made of
+        raise InputError(loose[0].where, "an image file without a plate and well: `profile` takes OME-Zarr plates, "
+                                         "image tables (Path_<Channel> columns, load_data.csv) and cell arrays; "
+                                         "profile loose fields with `microsnoop-ray fields`")
+    return work
 
 
 # --------------------------------------------------------------------------- provenance and annotations
