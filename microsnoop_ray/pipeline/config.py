@@ -213,6 +213,10 @@ def _name(obj, field: str) -> str:
     return f"{sec}.{field}" if sec else field
 
 
+#: keys the job adds to ``run_config.yaml``: ignored when that file is given back as ``--config``
+_WRITTEN_BY_THE_JOB = {"model_id"}
+
+
 def _split(d: Mapping[str, Any]) -> tuple[dict, dict[str, dict]]:
     """Top-level options and one dict per section, from nested sections and flat names."""
     top_names = {f.name for f in dataclasses.fields(ProfileConfig)} - set(SECTIONS)
@@ -221,6 +225,8 @@ def _split(d: Mapping[str, Any]) -> tuple[dict, dict[str, dict]]:
     sections: dict[str, dict] = {k: {} for k in SECTIONS}
     unknown = []
     for key, value in d.items():
+        if key in _WRITTEN_BY_THE_JOB:
+            continue
         if key in SECTIONS:
             if value is None:
                 continue
