@@ -26,6 +26,7 @@ def test_flat_and_nested_options_give_the_same_config():
     with pytest.raises(dataclasses.FrozenInstanceError):
         nested.crop.mode = "tiles"
     assert nested.replace(crop__mode="tiles").crop.mode == "tiles" and nested.crop.mode == "cells"
+    assert ProfileConfig.from_mapping({"inputs": ["p.zarr"], "device": "cuda:1"}).encode.device == "cuda:1"
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -34,6 +35,7 @@ def test_flat_and_nested_options_give_the_same_config():
     ({"colour": 1}, "unknown option.s.: colour"),
     ({"sphering": {"epsilon": 1e-3, "regularization": "shrinkage"}}, "only used with regularization 'epsilon'"),
     ({"segment_gpu_share": 1.0}, "gpu_share must lie in"),
+    ({"device": "tpu"}, "encode.device must be auto, cpu, cuda or cuda:N"),
 ])
 def test_bad_options_are_named(bad, message):
     with pytest.raises(ValueError, match=message):

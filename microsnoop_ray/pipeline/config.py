@@ -84,7 +84,7 @@ class EncodeConfig:
     normalization: str = option("default", "degenerate-case rule of the 1-99 percentile normalisation",
                                 NORMALIZATIONS)
     batch_size: int = option(64, "one-channel crops per encoder call")
-    device: str = option("auto", "auto: CUDA when the cluster has GPUs", DEVICES)
+    device: str = option("auto", "auto (CUDA when the cluster has GPUs), cpu, cuda or cuda:N")
     compile: bool = option(False, "torch.compile the encoder (worth it for long runs)")
     precision: str = option("fp32", "encoder arithmetic", PRECISIONS)
     actors: int | None = option(None, "encoder actors (default: one per GPU, else one)", flag="--encoder-actors")
@@ -184,6 +184,9 @@ class ProfileConfig:
                 if choices and value is not None and value not in choices:
                     raise ValueError(f"{_name(obj, f.name)} must be one of {', '.join(map(str, choices))}, "
                                      f"not {value!r}")
+        dev = self.encode.device
+        if not (dev in DEVICES or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise ValueError(f"encode.device must be auto, cpu, cuda or cuda:N, not {dev!r}")
         sph = self.sphering
         if sph.epsilon is not None and sph.regularization != "epsilon":
             raise ValueError(f"sphering.epsilon {sph.epsilon} is only used with regularization 'epsilon', "

@@ -71,7 +71,7 @@ def ray_dataset(cfg: ProfileConfig, items: list[WorkItem]):
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 1)), float(res.get("GPU", 0))
     enc, crop, seg = cfg.encode, cfg.crop, cfg.segmentation
-    use_gpu = enc.device in ("auto", "cuda") and gpus >= 1
+    use_gpu = (enc.device == "auto" or enc.device.startswith("cuda")) and gpus >= 1
     n_enc = enc.actors or _fits(res, enc.resources) or (int(gpus) if use_gpu else 1)
     enc_cpus = 0.0 if use_gpu else float(enc.cpus)
     # leave room for the read tasks: actor pools that reserve every CPU would starve them
