@@ -53,9 +53,12 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_fields(args: argparse.Namespace) -> int:
+    from .config import load_config
     from .pipeline.fields_job import run_fields
 
     cfg = _config(args)
+    if args.out is None and "out" not in load_config(args.config):
+        raise InputError("fields", "give the output folder (--out, or 'out' in the config file)")
     result = run_fields(cfg, masks=args.masks, centres=args.centres, png=args.png,
                         progress_print=(lambda *a: None) if args.quiet else print)
     return 3 if result["skipped"] else 0
