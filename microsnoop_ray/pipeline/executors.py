@@ -39,8 +39,10 @@ def run_in_process(items: Iterable[WorkItem], crop: CropStage, encode: EncodeSta
 
     for start in range(0, len(items), max(1, fields_per_batch)):
         read = [read_row({"item": it}) for it in items[start:start + fields_per_batch]]
-        batch = {"item": np.array([r["item"] for r in read] + [None], dtype=object)[:-1],
-                 "image": [r["image"] for r in read], "error": np.array([r["error"] for r in read], dtype=object)}
+        column = np.empty(len(read), dtype=object)  # a column of items, as Ray Data hands it to the stage
+        column[:] = [r["item"] for r in read]
+        batch = {"item": column, "image": [r["image"] for r in read],
+                 "error": np.array([r["error"] for r in read], dtype=object)}
         planes = crop(batch)
         pending.append(planes)
         n_pending += len(planes["kind"])
