@@ -43,6 +43,17 @@ def _no_crops(image: np.ndarray, reason: str, rejected: pd.DataFrame | None = No
     return PreparedField(empty, pd.DataFrame(), rejected, reason)
 
 
+def field_problem(image: np.ndarray, where: str = "field") -> str | None:
+    """Why a (C, H, W) field cannot be profiled (not numeric, NaN or infinite pixels, constant), or None."""
+    if image.dtype.kind not in "uif":
+        return f"{where}: pixel type {image.dtype} is not numeric"
+    if not np.isfinite(image).all():
+        return f"{where}: field has NaN or infinite pixels"
+    if image.size == 0 or image.max() == image.min():
+        return f"{where}: field is constant (every pixel {image.flat[0] if image.size else 'n/a'})"
+    return None
+
+
 def prepare_field(image: np.ndarray, mode: str = "cells", labels: np.ndarray | None = None,
                   bboxes: pd.DataFrame | None = None, rescale_constant: float = RESCALE_CONSTANT, border: str = "drop",
                   tile_overlap: float = TILE_OVERLAP, where: str = "field") -> PreparedField:
@@ -54,12 +65,9 @@ def prepare_field(image: np.ndarray, mode: str = "cells", labels: np.ndarray | N
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     image = as_chw(image)
-    if image.dtype.kind not in "uif":
-        return _no_crops(image, f"{where}: pixel type {image.dtype} is not numeric")
-    if not np.isfinite(image).all():
-        return _no_crops(image, f"{where}: field has NaN or infinite pixels")
-    if image.size == 0 or image.max() == image.min():
-        return _no_crops(image, f"{where}: field is constant (every pixel {image.flat[0] if image.size else 'n/a'})")
+    problem = field_problem(image, where)
+    if problem is not None:
+        return _no_crops(image, problem)
     if mode == "cells":
         if labels is None and bboxes is None:
             raise ValueError("cells mode needs labels or bboxes")

@@ -104,6 +104,11 @@ class WorkItem:
         """A label image supplied with the field (None: segment it)."""
         return None
 
+    @property
+    def supplied_objects(self) -> str | None:
+        """``"labels"`` or ``"centres"`` when the item brings its objects (no segmentation), else None."""
+        return None
+
 
 @dataclasses.dataclass(frozen=True)
 class ZarrField(WorkItem):
@@ -119,6 +124,10 @@ class ZarrField(WorkItem):
 
     def pixels(self) -> np.ndarray:
         return open_plate(self.path, name=self.plate).read(self._ref())
+
+    @property
+    def supplied_objects(self) -> str | None:
+        return "labels" if self.label_name else None
 
     def labels(self) -> np.ndarray | None:
         if not self.label_name:
@@ -156,6 +165,10 @@ class FileField(WorkItem):
         if len(shapes) != 1:
             raise InputError(self.where, f"channel images differ in size: {sorted(shapes)}")
         return planes[0] if len(planes) == 1 else np.concatenate(planes, axis=0)
+
+    @property
+    def supplied_objects(self) -> str | None:
+        return "labels" if self.label_file else "centres" if self.centres is not None else None
 
     def labels(self) -> np.ndarray | None:
         if not self.label_file:

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from ..fields import field_problem, prepare_field
 from ..io.sources import CellChunk, SiteKey, WorkItem
 from ..model import EMBED_DIM, INPUT_SIZE
 from .config import CropConfig, EncodeConfig, SegmentationConfig
@@ -70,7 +71,7 @@ def _rows(item: WorkItem, n: int, kind: str, reason: str = "", count=1, site_pla
         site_planes = item.site_planes if isinstance(item, CellChunk) else n
     return {"plate": np.full(n, item.plate, dtype=object), "well": np.full(n, item.well, dtype=object),
             "site": np.full(n, int(item.site), np.int64), "kind": np.full(n, kind, dtype=object),
-            "reason": np.full(n, reason, dtype=object), "count": np.broadcast_to(np.asarray(count, np.int64), (n,)).copy(),
+            "reason": np.full(n, reason, dtype=object), "count": np.full(n, int(count), np.int64),
             "site_planes": np.full(n, int(site_planes), np.int64)}
 
 
@@ -141,11 +142,6 @@ def concat_rows(rows: list[dict]) -> dict:
     return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
 
 
-def _segmentable(image: np.ndarray) -> bool:
-    return image.dtype.kind in "uif" and image.size > 0 and bool(np.isfinite(image).all()) \
-        and image.max() > image.min()
-
-
 class CropStage:
     """Segmentation and cropping of fields; every (object, channel) crop leaves at its native size and
     dtype (the encoder pads and normalises it). Holds the segmenter (e.g. the Cellpose network, on a
@@ -157,14 +153,18 @@ class CropStage:
     crop : CropConfig
     gpu : bool
         Run Cellpose on this actor's GPU share.
-    on_field : callable(item, image, labels, objects), optional
-        Called in-process for every cropped field (QC pictures of ``fields --png``).
+    on_field : callable(item, image, labels, prepared), optional
+        ``prepared`` is the field's :class:`~microsnoop_ray.fields.PreparedField`;
+        called in-process for every cropped field (QC pictures of ``fields --png``).
+    segmenter : callable, optional
+        A segmenter already made (:func:`~microsnoop_ray.segment.make_segmenter`); by default the
+        first field that needs one makes it.
     """
 
     def __init__(self, segmentation: SegmentationConfig = SegmentationConfig(), crop: CropConfig = CropConfig(),
-                 gpu: bool = False, on_field: Callable | None = None):
+                 gpu: bool = False, on_field: Callable | None = None, segmenter: Callable | None = None):
         self.seg, self.crop, self.gpu, self.on_field = segmentation, crop, gpu, on_field
-        self._segment = None
+        self._segment = segmenter
 
     def segmenter(self):
         if self._segment is None:
@@ -182,14 +182,11 @@ class CropStage:
         return np.sort(rng.choice(n, size=int(cap), replace=False))
 
     def needs_segmentation(self, item: WorkItem) -> bool:
-        return (self.crop.mode == "cells" and not isinstance(item, CellChunk)
-                and not getattr(item, "label_name", None) and not getattr(item, "label_file", None)
-                and getattr(item, "centres", None) is None)
+        return self.crop.mode == "cells" and not isinstance(item, CellChunk) and item.supplied_objects is None
 
     def process(self, row: dict, labels: np.ndarray | None = None) -> dict:
         """One read row (``item``, ``image``, ``error``) -> plane rows (``labels``: segmented already)."""
         from ..crop import bboxes_from_centres
-        from ..fields import prepare_field
 
         item: WorkItem = row["item"]
         if row["error"]:
@@ -201,7 +198,7 @@ class CropStage:
         try:
             if self.crop.mode == "cells" and labels is None:
                 labels = item.labels()
-                if labels is None and getattr(item, "centres", None) is not None:
+                if labels is None and item.supplied_objects == "centres":
                     x, y, lab = (np.array(v) for v in zip(*item.centres)) if item.centres else ([], [], [])
                     bboxes = bboxes_from_centres(x, y, item.object_size or self.seg.diameter, image.shape[1:], lab)
                 if labels is not None and labels.shape != image.shape[1:]:
@@ -211,7 +208,7 @@ class CropStage:
             return skip_rows(item, _message(item, exc))
         if labels is None and bboxes is None and self.needs_segmentation(item):
             labels = (self.segmenter()([np.asarray(image[item.nuclei_channel], np.float32)])[0]
-                      if _segmentable(image) else np.zeros(image.shape[1:], np.int32))
+                      if field_problem(image) is None else np.zeros(image.shape[1:], np.int32))
         prep = prepare_field(image, self.crop.mode, labels=labels, bboxes=bboxes,
                              rescale_constant=self.crop.rescale_constant, border=self.crop.border,
                              tile_overlap=self.crop.tile_overlap, where=item.where)
@@ -246,7 +243,7 @@ class CropStage:
         batches fields of equal size through the network together, on the GPU when it has one)."""
         rows = [{k: batch[k][i] for k in ("item", "image", "error")} for i in range(len(batch["item"]))]
         todo = [i for i, r in enumerate(rows) if not r["error"] and self.needs_segmentation(r["item"])
-                and _segmentable(r["image"])]
+                and field_problem(r["image"]) is None]
         labels: dict[int, np.ndarray] = {}
         if len(todo) > 1:
             masks = self.segmenter()([np.asarray(rows[i]["image"][rows[i]["item"].nuclei_channel], np.float32)
