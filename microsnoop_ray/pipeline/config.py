@@ -200,6 +200,17 @@ class ProfileConfig:
         """Plain nested dict (JSON types), as written to ``run_config.yaml``; ``from_mapping`` reads it back."""
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
+    def work(self, **extra):
+        """The work items of ``inputs`` (:func:`~microsnoop_ray.io.sources.list_sources` with this
+        config's options; ``extra``: masks, centres and object size of loose image files)."""
+        from ..io.sources import list_sources
+
+        seg = self.segmentation
+        return list_sources(self.inputs, batch=self.batch, nuclei_channel=seg.nuclei_channel, labels=seg.labels,
+                            cell_table=self.cell_table, channel_names=self.channel_names,
+                            max_cells_per_site=self.crop.max_cells_per_site, seed=self.crop.seed,
+                            cells_per_chunk=self.run.cells_chunk, **extra)
+
     def replace(self, **changes) -> "ProfileConfig":
         """A copy with top-level fields or whole sections replaced, or ``section__field=value`` changes."""
         nested: dict[str, dict] = {}

@@ -19,12 +19,13 @@ import numpy as np
 import pandas as pd
 
 from ..io.fields import read_centres
-from ..io.sources import FileField, SiteKey, list_sources
+from ..io.sources import FileField, SiteKey
 from ..io.write import write_parquet
 from ..profiles.aggregate import feature_columns
 from .config import ProfileConfig
 from .executors import run_in_process
 from .layout import site_table, skipped_row, write_skipped
+from .plate_job import segmenter_used
 from .stages import CropStage, EncodeStage, SiteCollector
 
 log = logging.getLogger(__name__)
@@ -56,11 +57,7 @@ def run_fields(cfg: ProfileConfig, masks: Sequence[str | Path] | None = None, ce
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     seg = cfg.segmentation
-    work = list_sources(cfg.inputs, batch=cfg.batch, nuclei_channel=seg.nuclei_channel, labels=seg.labels,
-                        cell_table=cfg.cell_table, channel_names=cfg.channel_names,
-                        max_cells_per_site=cfg.crop.max_cells_per_site, seed=cfg.crop.seed,
-                        cells_per_chunk=cfg.run.cells_chunk, masks=masks,
-                        centres=read_centres(centres) if centres else None, object_size=seg.diameter)
+    work = cfg.work(masks=masks, centres=read_centres(centres) if centres else None, object_size=seg.diameter)
     files = {it.key: it.file_name for it in work.items if isinstance(it, FileField)}
     encode = EncodeStage(cfg.encode)
     card = encode.encoder.model_card
@@ -75,10 +72,11 @@ def run_fields(cfg: ProfileConfig, masks: Sequence[str | Path] | None = None, ce
                        f"{item.file_name or item.where}: {n} {cfg.crop.mode} ({len(prep.rejected)} rejected)"
                        f"{' SKIPPED' if prep.skip_reason else ''}")
 
-    crop = CropStage(seg, cfg.crop, on_field=qc)
-    if cfg.crop.mode == "cells" and any(crop.needs_segmentation(it) for it in work.items):
-        crop._segment, seg_desc = make_segmenter(seg.segmenter, seg.cellpose_model, seg.diameter)
+    segmenter, seg_desc = None, None
+    if any(CropStage(seg, cfg.crop).needs_segmentation(it) for it in work.items):
+        segmenter, seg_desc = make_segmenter(seg.segmenter, seg.cellpose_model, seg.diameter)
         log.info("segmenting with %s", seg_desc)
+    crop = CropStage(seg, cfg.crop, on_field=qc, segmenter=segmenter)
     cell_tables, field_rows, skipped = [], [], [dict(p, Metadata_FileName=None) for p in work.problems]
 
     def write_site(key: SiteKey, cells: pd.DataFrame, dropped: list, rejected: int) -> None:
@@ -96,7 +94,7 @@ def run_fields(cfg: ProfileConfig, masks: Sequence[str | Path] | None = None, ce
                    fields_per_batch=seg.fields_per_batch)
     if collector.incomplete():  # the in-process executor hands on every plane: this is a bug
         raise RuntimeError(f"sites without all their planes: {collector.incomplete()[:5]}")
-    prov = {"command": "fields", "mode": cfg.crop.mode, "segmentation": _segmentation(cfg, work.items),
+    prov = {"command": "fields", "mode": cfg.crop.mode, "segmentation": segmenter_used(cfg, work.items, seg_desc),
             "channels": sorted({tuple(i.channels) for i in work.plates.values()}), "config": cfg.to_dict(),
             "aggregation": "mean", "model_card": card.to_dict() if card else None}
     outputs = []
@@ -119,7 +117,3 @@ def run_fields(cfg: ProfileConfig, masks: Sequence[str | Path] | None = None, ce
     return {"fields": len(field_rows), "skipped": len(skipped), "cells": int(sum(n for _, n, _, _ in field_rows)),
             "seconds": round(time.perf_counter() - t0, 2), "outputs": [str(p) for p in outputs]}
 
-
-def _segmentation(cfg: ProfileConfig, items) -> str:
-    from .plate_job import run_provenance
-    return run_provenance(cfg, items)["segmenter_used"]

@@ -23,7 +23,7 @@ import pandas as pd
 
 from ..config import inside
 from ..errors import InputError
-from ..io.atomic import write_json
+from ..io.atomic import write_json, write_text
 from ..io.sources import SiteKey
 from ..io.write import write_parquet
 from ..io.zarr_plate import split_well
@@ -117,8 +117,6 @@ def skipped_row(key: SiteKey | tuple, kind: str, reason: str, file_name: str | N
 
 def write_skipped(skipped: list[dict], path: str | os.PathLike) -> Path:
     """The skipped-inputs table as CSV (atomically), sorted by plate and well."""
-    from ..io.atomic import write_text
-
     df = pd.DataFrame(skipped, columns=SKIPPED_COLUMNS)
     df["Metadata_Site"] = pd.array(df["Metadata_Site"], dtype="Int64")
     df = df.sort_values(["Metadata_Plate", "Metadata_Well"], kind="stable", na_position="first")

@@ -18,7 +18,7 @@ import pandas as pd
 from ..config import save_config
 from ..errors import InputError
 from ..io.atomic import write_json
-from ..io.sources import CellChunk, FileField, SiteKey, Work, WorkItem, list_sources
+from ..io.sources import CellChunk, FileField, SiteKey, Work, WorkItem
 from ..io.tables import read_platemap
 from .config import ProfileConfig
 from .executors import run_on_ray
@@ -29,15 +29,12 @@ from .stages import SiteCollector
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ProfileConfig", "run_profile", "list_work", "prepare_illumination", "run_provenance"]
+__all__ = ["ProfileConfig", "run_profile", "list_work", "prepare_illumination", "run_provenance", "segmenter_used"]
 
 
 def list_work(cfg: ProfileConfig) -> Work:
     """The work items, plates and input problems of ``cfg.inputs`` (:func:`~microsnoop_ray.io.sources.list_sources`)."""
-    work = list_sources(cfg.inputs, batch=cfg.batch, nuclei_channel=cfg.segmentation.nuclei_channel,
-                        labels=cfg.segmentation.labels, cell_table=cfg.cell_table, channel_names=cfg.channel_names,
-                        max_cells_per_site=cfg.crop.max_cells_per_site, seed=cfg.crop.seed,
-                        cells_per_chunk=cfg.run.cells_chunk)
+    work = cfg.work()
     loose = [it for it in work.items if it.well is None]
     if loose:  # wells are what the plate profiles are made of
         raise InputError(loose[0].where, "an image file without a plate and well: `profile` takes OME-Zarr plates, "
@@ -59,29 +56,37 @@ def _file_stamp(path: Path) -> dict:
             **({"stamped": target.name} if target is not path else {})}
 
 
+def segmenter_used(cfg: ProfileConfig, items: list[WorkItem], description: str | None = None) -> str:
+    """How the objects of ``items`` were found, in words (``description``: that of a segmenter already
+    made, so that its weights are not resolved a second time)."""
+    from ..segment import describe_segmenter
+
+    seg, mode = cfg.segmentation, cfg.crop.mode
+    fields = [it for it in items if not isinstance(it, CellChunk)]
+    supplied = {it.supplied_objects for it in fields}
+    used = []
+    if fields:
+        if mode != "cells":
+            used.append(f"none ({mode} mode)")
+        elif "labels" in supplied:
+            used.append("supplied label images")
+        elif "centres" in supplied:
+            used.append("supplied object centres")
+        else:
+            used.append(description or describe_segmenter(seg.segmenter, seg.cellpose_model, seg.diameter))
+    if len(fields) < len(items):
+        used.append("none (pre-cropped cell arrays)")
+    return "; ".join(used)
+
+
 def run_provenance(cfg: ProfileConfig, items: list[WorkItem], segmenter_description: str | None = None) -> dict:
     """What a reader of any output file needs to know how it was made (stored in every Parquet file)."""
     from importlib.metadata import PackageNotFoundError, version
-
-    from ..segment import describe_segmenter
 
     try:
         pkg = version("microsnoop-ray")
     except PackageNotFoundError:  # a source checkout that was never installed
         from .. import __version__ as pkg
-    seg, mode = cfg.segmentation, cfg.crop.mode
-    used = []
-    if any(not isinstance(it, CellChunk) for it in items):
-        if mode != "cells":
-            used.append(f"none ({mode} mode)")
-        elif seg.labels or any(getattr(it, "label_file", None) for it in items):
-            used.append("supplied label images")
-        elif any(getattr(it, "centres", None) is not None for it in items):
-            used.append("supplied object centres")
-        else:
-            used.append(segmenter_description or describe_segmenter(seg.segmenter, seg.cellpose_model, seg.diameter))
-    if any(isinstance(it, CellChunk) for it in items):
-        used.append("none (pre-cropped cell arrays)")
     files = [_file_stamp(Path(p)) for p in cfg.inputs]
     if cfg.cell_table:
         files.append(_file_stamp(Path(cfg.cell_table)))
@@ -89,7 +94,8 @@ def run_provenance(cfg: ProfileConfig, items: list[WorkItem], segmenter_descript
     if cfg.platemap:
         pm = {"path": str(Path(cfg.platemap).resolve()),
               "sha256": hashlib.sha256(Path(cfg.platemap).read_bytes()).hexdigest()}
-    return {"package": f"microsnoop-ray {pkg}", "segmenter_used": "; ".join(used), "inputs": files,
+    return {"package": f"microsnoop-ray {pkg}", "segmenter_used": segmenter_used(cfg, items, segmenter_description),
+            "inputs": files,
             "platemap": pm, "config": cfg.to_dict()}
 
 

@@ -47,8 +47,8 @@ def postprocess(cfg: ProfileConfig, plates: dict[str, PlateInfo], layout: Layout
                 provenance: dict, platemap: pd.DataFrame | None = None) -> dict:
     """Site -> well aggregation, plate map, sphering, treatments; writes every profile file."""
     sites, skipped = read_sites(layout, plates, cfg.aggregation)
-    skipped = [dict(skipped_row((p["Metadata_Plate"], p["Metadata_Well"], p["Metadata_Site"]), p["kind"],
-                                p["reason"])) for p in problems] + skipped
+    skipped = [skipped_row((p["Metadata_Plate"], p["Metadata_Well"], p["Metadata_Site"]), p["kind"], p["reason"])
+               for p in problems] + skipped
     summary = {"model_id": layout.model_id, "out": str(layout.root), "plates": {}, "outputs": [],
                "aggregation": cfg.aggregation, "sphering": None,
                "provenance": {k: v for k, v in provenance.items() if k != "model_card"}}
