@@ -17,8 +17,9 @@ from .profiles.sphering import DEFAULT_REGULARIZATION as REGULARIZATION_DEFAULT,
 log = logging.getLogger("microsnoop_ray")
 
 
-def _config(args: argparse.Namespace, require_inputs: bool = True, **extra):
-    """The ProfileConfig of a command: its --config file, overridden by the flags that were given."""
+def _config(args: argparse.Namespace, require_inputs: bool = True):
+    """The ProfileConfig of a command (its --config file, overridden by the flags that were given) and
+    the options that were given, as nested sections."""
     from .config import load_config
     from .pipeline.config import ProfileConfig, merge_options, options_from_args
 
@@ -30,22 +31,20 @@ def _config(args: argparse.Namespace, require_inputs: bool = True, **extra):
         options["out"] = str(args.out)
     if getattr(args, "quiet", False):
         options.setdefault("run", {})["progress"] = False
-    options.update(extra)
+    given = merge_options(load_config(args.config), options)
     try:
-        return ProfileConfig.from_mapping(merge_options(load_config(args.config), options), require_inputs)
+        return ProfileConfig.from_mapping(given, require_inputs), given
     except (TypeError, ValueError) as exc:
         raise InputError(args.config or "command line", str(exc)) from None
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from .config import load_config
     from .pipeline.embed_job import run_embed
 
-    cfg = _config(args, require_inputs=False)
-    in_file = "compile" in dict(load_config(args.config).get("encode") or {})
-    given = getattr(args, "encode.compile") is not None or in_file
+    cfg, given = _config(args, require_inputs=False)
     r = run_embed(args.input, args.out, cfg.encode, cfg.channel_names, args.metadata,
-                  compile=cfg.encode.compile if given else None, progress=not args.quiet)
+                  compile=cfg.encode.compile if "compile" in given.get("encode", {}) else None,
+                  progress=not args.quiet)
     if not args.quiet:
         print(f"embedded {r['images']} images x {r['channels']} channels with {r['model_id']} in {r['seconds']:.1f} s "
               f"({r['images'] / max(r['seconds'], 1e-9):.1f} images/s) -> {args.out}")
@@ -53,11 +52,10 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_fields(args: argparse.Namespace) -> int:
-    from .config import load_config
     from .pipeline.fields_job import run_fields
 
-    cfg = _config(args)
-    if args.out is None and "out" not in load_config(args.config):
+    cfg, given = _config(args)
+    if "out" not in given:
         raise InputError("fields", "give the output folder (--out, or 'out' in the config file)")
     result = run_fields(cfg, masks=args.masks, centres=args.centres, png=args.png,
                         progress_print=(lambda *a: None) if args.quiet else print)
@@ -106,7 +104,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
     from .pipeline.plate_job import run_profile
 
-    cfg = _config(args)
+    cfg, _ = _config(args)
     started = False
     if not ray.is_initialized():
         address = args.address or os.environ.get("RAY_ADDRESS")
