@@ -242,10 +242,11 @@ def channel_index(value, channels: Sequence[str], where) -> int:
     return idx
 
 
-def image_files(folder: str | Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
-    """The image files under ``folder`` (recursively), sorted."""
+def image_files(folder: str | Path, suffixes: Sequence[str] = IMAGE_SUFFIXES, recursive: bool = True) -> list[Path]:
+    """The image files in ``folder`` (and, ``recursive``, below it), sorted."""
     folder = Path(folder)
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in found if p.is_file() and p.suffix.lower() in suffixes)
 
 
 def list_sources(inputs: Sequence[str | Path], batch: str = "default", nuclei_channel: int | str = 0,
@@ -405,7 +406,7 @@ def read_image_stack(path: str | Path) -> tuple[object, pd.DataFrame]:
     if not path.exists():
         raise InputError(path, "file or folder does not exist")
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES)
+        files = image_files(path, TIFF_SUFFIXES, recursive=False)
         if not files:
             raise InputError(path, "folder holds no .tif/.tiff files")
         images = [read_tiff(f) for f in files]
