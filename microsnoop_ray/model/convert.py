@@ -17,6 +17,12 @@ the first by default: the cytoplasm or grey channel in Cellpose's convention), a
 drops the 3-output head, which has no counterpart in a one-channel reconstruction
 network: a converted state dict therefore lacks ``decoder.base_bn.*`` and
 ``decoder.base_conv.*`` and loads with the head at its initial values.
+
+scellseg's own networks (``scellseg``, ``hover`` in its sdist) keep the Cellpose encoder
+unchanged under ``extractor.downsample`` but have decoders of another shape (hierarchical
+style concatenation). Embeddings need only the encoder: :func:`split_fitting` keeps the
+tensors that fit the Microsnoop layout and returns the others, so that the loader can say
+what it left out.
 """
 from __future__ import annotations
 
@@ -95,3 +101,28 @@ def cellpose_to_microsnoop(sd: Mapping[str, torch.Tensor], channel: int = 0) -> 
     if not is_cellpose_state_dict(sd):
         raise KeyError("not a Cellpose state dict (no downsample.down.res_down_0.* tensors)")
     return first_layer_to_one_channel(rename_cellpose(sd), channel)
+
+
+def split_fitting(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> tuple[dict, list[str]]:
+    """Keep the encoder and, only when every one of its tensors fits, the decoder trunk.
+
+    Parameters
+    ----------
+    sd : mapping of str to Tensor
+        A converted state dict (:func:`cellpose_to_microsnoop`).
+    expected : mapping of str to Tensor
+        The Microsnoop network's own state dict (names and shapes are what is compared).
+
+    Returns
+    -------
+    (kept, left_out) : the state dict to load and the sorted names of the decoder tensors left
+    out (a decoder is kept whole or not at all: half a decoder reconstructs nothing).
+    """
+    def fits(k):
+        return k in expected and tuple(sd[k].shape) == tuple(expected[k].shape)
+
+    encoder = {k: v for k, v in sd.items() if k.startswith("encoder.")}
+    decoder = {k: v for k, v in sd.items() if not k.startswith("encoder.")}
+    if all(fits(k) for k in decoder):
+        return {**encoder, **decoder}, []
+    return encoder, sorted(decoder)

@@ -219,7 +219,7 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
 
 
 def _load_cellpose(obj: Any, path: Path, device) -> MicrosnoopUNet:
-    from .convert import cellpose_to_microsnoop
+    from .convert import cellpose_to_microsnoop, split_fitting
 
     if not isinstance(obj, Mapping) or not all(torch.is_tensor(v) for v in obj.values()):
         raise WeightsError(path, "cellpose: a Cellpose weights file is a plain state dict of tensors")
@@ -229,6 +229,7 @@ def _load_cellpose(obj: Any, path: Path, device) -> MicrosnoopUNet:
         raise WeightsError(path, f"cellpose: {exc.args[0]}") from None
     model = MicrosnoopUNet()
     expected = model.state_dict()
+    sd, left_out = split_fitting(sd, expected)
     for k, v in sd.items():
         if k not in expected or tuple(v.shape) != tuple(expected[k].shape):
             raise WeightsError(path, f"cellpose: tensor {k} {tuple(v.shape)} does not fit the Microsnoop network")
@@ -239,9 +240,12 @@ def _load_cellpose(obj: Any, path: Path, device) -> MicrosnoopUNet:
         model_id=f"cellpose-{path.name}-{digest[:8]}", weights_sha256=digest, training_data="Cellpose (its own)",
         input_size=224, source=f"Cellpose checkpoint {path.name}, converted by microsnoop_ray.model.convert",
         notes="Cellpose's segmentation network used unchanged as a Microsnoop encoder: first layer reduced from "
-              "2 input channels to the first; decoder trunk kept, Cellpose's 3-output head dropped (the "
-              "reconstruction head is at its initial values). Preprocessing as every Microsnoop model: centred "
-              "zero padding to 224, 1-99 percentile normalisation.")
+              "2 input channels to the first; "
+              + (f"its decoder ({len(left_out)} tensors) does not fit the Microsnoop decoder and is left out "
+                 "(embedding-only); " if left_out else "decoder trunk kept, ")
+              + "Cellpose's 3-output head dropped (the reconstruction head is at its initial values). Preprocessing "
+              "as every Microsnoop model: centred zero padding to 224, 1-99 percentile normalisation.",
+        extra={"left_out": len(left_out)} if left_out else {})
     model.has_decoder = False
     model.weights_path = f"{CELLPOSE_PREFIX}{path}"
     model.eval()
