@@ -44,10 +44,12 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     cfg, given = _config(args, require_inputs=False)
     r = run_embed(args.input, args.out, cfg.encode, cfg.channel_names, args.metadata,
                   compile=cfg.encode.compile if "compile" in given.get("encode", {}) else None,
-                  progress=not args.quiet)
+                  progress=not args.quiet, features=cfg.feature_sets, masks=args.masks)
     if not args.quiet:
-        print(f"embedded {r['images']} images x {r['channels']} channels with {r['model_id']} in {r['seconds']:.1f} s "
-              f"({r['images'] / max(r['seconds'], 1e-9):.1f} images/s) -> {args.out}")
+        print(f"{' + '.join(r['features'])}: {r['images']} images x {r['channels']} channels in {r['seconds']:.1f} s "
+              f"({r['images'] / max(r['seconds'], 1e-9):.1f} images/s, {r['model_id']}) -> {args.out}"
+              + (f"; {len(r['dropped'])} image(s) could not be measured, see Metadata_Dropped_Reason"
+                 if r["dropped"] else ""))
     return 0
 
 
@@ -238,7 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, required=True, help="output .parquet")
     e.add_argument("--config", type=Path, default=None, help="YAML/TOML with an encode section (as `profile`)")
     e.add_argument("--metadata", type=Path, default=None, help="CSV/Parquet with one row per image (Metadata_ columns)")
-    add_arguments(e, ("encode",), top=("channel_names",))
+    e.add_argument("--masks", type=Path, default=None, help="(N, H, W) label images of the cells (.npy/.npz), for "
+                                                           "--features cellprofiler (default: the object nearest "
+                                                           "each crop's centre)")
+    add_arguments(e, ("encode",), top=("channel_names", "features"))
     e.add_argument("-q", "--quiet", action="store_true")
     e.set_defaults(func=_cmd_embed)
 
@@ -253,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--masks", type=Path, nargs="+", default=None, help="label images, one per field, same order")
     f.add_argument("--centres", type=Path, default=None, help="CSV of object centres (CellProfiler columns)")
     f.add_argument("--png", action="store_true", help="write qc/<field>.png with outlines and crop windows")
-    add_arguments(f, ("segmentation", "crop", "encode"), top=("channel_names", "batch", "cell_table"))
+    add_arguments(f, ("segmentation", "crop", "encode"), top=("channel_names", "batch", "cell_table", "features"))
     f.add_argument("-q", "--quiet", action="store_true")
     f.set_defaults(func=_cmd_fields)
 

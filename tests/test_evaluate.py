@@ -197,10 +197,11 @@ def test_consistency_map_known_answer():
 # --- baselines and suites --------------------------------------------------------------------
 
 def test_cp_measure_and_pixels_pca_on_real_cells(mlcp_cells):
-    from microsnoop_ray.evaluate.baselines import cell_masks, extract
+    from microsnoop_ray.evaluate.baselines import extract
+    from microsnoop_ray.features.cellprofiler import nearest_object_masks
 
     images, table = mlcp_cells
-    masks = cell_masks(images, [1])
+    masks = nearest_object_masks(images, [1])
     area = masks.reshape(len(masks), -1).sum(1)
     assert (area > 20).all() and (area < 40 * 40).all()  # one real object, not the whole crop
     r = extract("cp_measure", images, ["Brightfield", "DNA", "Darkfield"], mask_channels=[1])

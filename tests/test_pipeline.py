@@ -396,3 +396,40 @@ def test_fields_and_profile_give_the_same_cells_for_the_same_field(profiled, unt
     np.testing.assert_allclose(mine[feats].to_numpy(), profile_cells[feats].to_numpy(), atol=1e-5)
     skipped = pd.read_csv(tmp_path / "fields" / "skipped.csv")
     assert list(skipped.columns) == list(pd.read_csv(out / "skipped.csv").columns)
+
+
+def test_profile_writes_cellprofiler_measurements_beside_the_embeddings(profiled, untrained_weights, tmp_path):
+    """`--features microsnoop,cellprofiler`: the same embeddings, CellProfiler columns measured on each cell's
+    own object (equal to `fields` on the same field), through aggregation, sphering and treatments."""
+    from conftest import TRANSFLUOR
+    from microsnoop_ray.pipeline.fields_job import run_fields
+
+    cfg, _, plain_out = profiled
+    out = tmp_path / "cp"
+    summary = run_profile(cfg.replace(out=str(out), features="microsnoop,cellprofiler"), progress_print=lambda *a: None)
+    site = sorted(out.glob("embeddings/*/2026_demo/Transfluor/*/embeddings.parquet"))[0]
+    cells = pd.read_parquet(site)
+    plain = pd.read_parquet(plain_out / site.relative_to(out))
+    emb = [c for c in plain if c.startswith("Microsnoop_")]
+    np.testing.assert_array_equal(cells[emb].to_numpy(), plain[emb].to_numpy())
+    cp_cols = [c for c in cells if c.startswith("Cells_")]
+    assert "Cells_Intensity_MeanIntensity_GFP" in cp_cols and "Cells_AreaShape_Area" in cp_cols
+    assert (cells["Cells_AreaShape_Area"] == cells["Metadata_Object_Area"]).all()
+    well, s = cells["Metadata_Well"].iloc[0], int(cells["Metadata_Site"].iloc[0])
+    tif = next(TRANSFLUOR.glob(f"AS_*_{well}f{s - 1:02d}d2.TIF"))
+    fcfg = ProfileConfig.from_mapping({"inputs": [str(tif)], "out": str(tmp_path / "fields"), "channel_names": ["GFP"],
+                                       "features": "microsnoop,cellprofiler", "segmentation": {"segmenter": "classical"},
+                                       "encode": {"weights": str(untrained_weights), "batch_size": 16}})
+    run_fields(fcfg, progress_print=lambda *a: None)
+    mine = pd.read_parquet(tmp_path / "fields" / "cells.parquet").set_index("Metadata_ObjectNumber")
+    np.testing.assert_allclose(mine.loc[cells["Metadata_ObjectNumber"], cp_cols].to_numpy(np.float64),
+                               cells[cp_cols].to_numpy(np.float64), rtol=1e-6)
+    wells = pd.read_parquet(next(out.glob("profiles/*/2026_demo/Transfluor/Transfluor.parquet")))
+    kept = [c for c in cp_cols if c not in summary["nonfinite"]["features_left_out"]]
+    assert kept and all(c in wells for c in kept) and np.isfinite(wells[kept].to_numpy()).all()
+    assert summary["nonfinite"]["nan_cell_values"] >= 0 and summary["provenance"]["features"] == [
+        "microsnoop", "cellprofiler"]
+    sphered = pd.read_parquet(next(out.glob("profiles/*/2026_demo/Transfluor/Transfluor_sphered.parquet")))
+    assert np.isfinite(sphered[kept].to_numpy()).all()
+    treatments = pd.read_parquet(next(out.glob("profiles/*/treatments.parquet")))
+    assert "Cells_Intensity_MeanIntensity_GFP" in treatments

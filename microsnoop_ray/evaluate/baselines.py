@@ -10,7 +10,7 @@ Every method maps cell crops ``(n, c, h, w)`` (any numeric dtype) to a feature m
 ``cp_measure``
     CellProfiler measurements re-implemented by cp-measure (intensity, texture, granularity,
     radial distribution and Zernikes, size/shape, Feret, correlations) on one object per crop:
-    the mask from :func:`cell_masks`. NaNs are imputed with the column median, constant
+    the mask from :func:`~microsnoop_ray.features.cellprofiler.nearest_object_masks`. NaNs are imputed with the column median, constant
     features dropped, and the rest z-scored over the set, as CellProfiler profiles are
     normalised before any comparison.
 ``pixels_pca``
@@ -20,47 +20,11 @@ Every method maps cell crops ``(n, c, h, w)`` (any numeric dtype) to a feature m
 from __future__ import annotations
 
 import time
-import warnings
 from typing import Sequence
 
 import numpy as np
 
 METHODS = ("microsnoop", "random_init", "cp_measure", "pixels_pca")
-
-
-def cell_masks(images: np.ndarray, channels: Sequence[int] | None = None, sigma: float = 1.0) -> np.ndarray:
-    """One object per crop: the Otsu foreground component nearest the crop centre, holes filled.
-
-    Parameters
-    ----------
-    images : ndarray (n, c, h, w)
-    channels : list of int, optional
-        Channels whose 1-99 percentile-normalised sum is thresholded (default: all).
-
-    Returns
-    -------
-    ndarray (n, h, w) int32, 1 inside the object and 0 elsewhere. A crop with no foreground
-    gets the whole crop as its object (so every crop is measured).
-    """
-    from scipy import ndimage as ndi
-    from skimage.filters import gaussian, threshold_otsu
-
-    from ..preprocess import normalize_percentile
-
-    n, c, h, w = images.shape
-    sel = list(range(c)) if channels is None else list(channels)
-    out = np.zeros((n, h, w), np.int32)
-    yy, xx = np.indices((h, w))
-    d2 = (yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2
-    for i in range(n):
-        g = gaussian(normalize_percentile(images[i, sel].astype(np.float32)).sum(0), sigma)
-        lab, k = ndi.label(g > threshold_otsu(g)) if g.max() > g.min() else (None, 0)
-        if k == 0:
-            out[i] = 1
-            continue
-        nearest = 1 + int(np.argmin(ndi.minimum(d2, lab, np.arange(1, k + 1))))
-        out[i] = ndi.binary_fill_holes(lab == nearest)
-    return out
 
 
 def standardize(F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -82,31 +46,6 @@ def network_features(images: np.ndarray, model, batch_size: int = 48, compile: b
     from ..encode import Encoder, embed
 
     return embed(images, encoder=Encoder(model, compile=compile), batch_size=batch_size)
-
-
-def cp_measure_features(images: np.ndarray, masks: np.ndarray, channel_names: Sequence[str],
-                        chunk: int = 64) -> tuple[np.ndarray, list[str]]:
-    """cp-measure features of one object per crop (raw, before :func:`standardize`).
-
-    Parameters
-    ----------
-    images : ndarray (n, c, h, w); divided by 65535 when integer (CellProfiler's 0-1 scale)
-    masks : ndarray (n, h, w) int
-    Returns (n, d) float64 and the column names.
-    """
-    from cp_measure.featurizer import featurize, make_featurizer_config
-
-    scale = 65535.0 if np.issubdtype(images.dtype, np.integer) else 1.0
-    cfg = make_featurizer_config(list(channel_names), correlation_costes_params={"scale_max": 65535})
-    rows, cols = [], None
-    for s in range(0, len(images), chunk):
-        img = images[s:s + chunk].astype(np.float64) / scale
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with np.errstate(all="ignore"):
-                data, cols, _ = featurize(img, masks[s:s + chunk, None].astype(np.int32), cfg)
-        rows.append(data)
-    return np.concatenate(rows), list(cols)
 
 
 def pixels_pca(images: np.ndarray, n_components: int = 256, seed: int = 0) -> np.ndarray:
@@ -144,10 +83,12 @@ def extract(method: str, images: np.ndarray, channel_names: Sequence[str], weigh
         F = network_features(images, MicrosnoopUNet(), compile=compile)
         notes["seed"] = seed
     elif method == "cp_measure":
-        masks = cell_masks(images, mask_channels)
-        raw, cols = cp_measure_features(images, masks, channel_names)
+        from ..features.cellprofiler import measure_object, nearest_object_masks, cellprofiler_names
+
+        masks = nearest_object_masks(images, mask_channels)
+        raw = np.stack([measure_object(im, m, channel_names) for im, m in zip(images, masks)])
         F, keep = standardize(raw)
-        notes.update(raw_features=len(cols), kept_features=int(keep.sum()),
+        notes.update(raw_features=len(cellprofiler_names(channel_names)), kept_features=int(keep.sum()),
                      whole_crop_masks=int((masks.reshape(len(masks), -1).min(1) == 1).sum()))
     elif method == "pixels_pca":
         F = pixels_pca(images, seed=seed)

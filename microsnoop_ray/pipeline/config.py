@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 from ..crop import BORDER_MODES, RESCALE_CONSTANT, TILE_OVERLAP
 from ..encode import PRECISIONS
+from ..features.cellprofiler import parse_feature_sets
 from ..fields import MODES
 from ..io.sources import CELLS_PER_CHUNK
 from ..preprocess import NORMALIZATION_MODES as NORMALIZATIONS
@@ -147,6 +148,8 @@ class ProfileConfig:
                                    "plate-map columns that name a treatment", flag=None)
     drop_constant: bool = option(False, "remove features constant over a plate (an empty channel) from the "
                                         "profiles")
+    features: str = option("microsnoop", "feature sets per cell, comma list: microsnoop (the embedding), "
+                                         "cellprofiler (cp-measure on each cell's own object, CellProfiler names)")
     illum: str = option("none", "illumination correction: none, compute (per plate and channel, written to "
                                 "OUT/illum) or a folder of <plate>/<plate>_Illum<Channel>.npy")
     segmentation: SegmentationConfig = dataclasses.field(default_factory=SegmentationConfig)
@@ -165,6 +168,8 @@ class ProfileConfig:
             Naming every unknown option, a value outside its choices, or a bad combination.
         """
         top, sections = _split(d)
+        if isinstance(top.get("features"), (list, tuple)):
+            top["features"] = ",".join(map(str, top["features"]))
         for name, value in list(top.items()):
             if name in ("inputs", "treatment_keys", "channel_names") and value is not None:
                 top[name] = tuple(str(v) for v in ([value] if isinstance(value, str) else value))
@@ -193,8 +198,16 @@ class ProfileConfig:
                              f"not {sph.regularization!r}")
         if not 0.0 <= self.segmentation.gpu_share < 1.0:
             raise ValueError(f"segmentation.gpu_share must lie in [0, 1), not {self.segmentation.gpu_share}")
+        sets = self.feature_sets
+        if "cellprofiler" in sets and self.crop.mode != "cells":
+            raise ValueError(f"features cellprofiler measures cells: it needs crop.mode cells, not {self.crop.mode!r}")
         if self.encode.batch_size < 1 or self.run.cells_chunk < 1:
             raise ValueError("encode.batch_size and run.cells_chunk must be at least 1")
+
+    @property
+    def feature_sets(self) -> tuple[str, ...]:
+        """``features`` as a checked tuple (:func:`~microsnoop_ray.features.cellprofiler.parse_feature_sets`)."""
+        return parse_feature_sets(self.features)
 
     def to_dict(self) -> dict:
         """Plain nested dict (JSON types), as written to ``run_config.yaml``; ``from_mapping`` reads it back."""

@@ -5,11 +5,12 @@ import dataclasses
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ..encode import Encoder, check_images, embed, feature_names
 from ..errors import InputError
-from ..io.arrays import read_metadata_table
+from ..io.arrays import load_array, read_metadata_table
 from ..io.sources import read_image_stack
 from ..io.write import profile_table, write_parquet
 from .config import EncodeConfig
@@ -20,7 +21,8 @@ COMPILE_FROM = 512
 
 def run_embed(source: str | Path, out: str | Path, encode: EncodeConfig = EncodeConfig(),
               channel_names=None, metadata: str | Path | None = None, compile: bool | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, features: tuple[str, ...] = ("microsnoop",),
+              masks: str | Path | None = None) -> dict:
     """Embed every image of ``source`` (:func:`~microsnoop_ray.io.sources.read_image_stack`) into ``out``.
 
     Parameters
@@ -33,10 +35,19 @@ def run_embed(source: str | Path, out: str | Path, encode: EncodeConfig = Encode
         CSV/Parquet with one row per image (``Metadata_`` columns).
     compile : bool, optional
         ``torch.compile`` the encoder (default: from :data:`COMPILE_FROM` one-channel images on).
+    features : tuple of str
+        ``microsnoop`` (the embedding) and/or ``cellprofiler`` (cp-measure on each image's object:
+        from ``masks``, else the foreground object nearest the centre).
+    masks : path, optional
+        ``.npy``/``.npz`` label images (N, H, W) of the cells.
+
+    An image cp-measure cannot measure keeps its row, with NaN CellProfiler values and the reason in
+    ``Metadata_Dropped_Reason`` (the table stays aligned with the input); the embedding is unaffected.
 
     Returns
     -------
-    dict: ``images``, ``channels``, ``seconds``, ``model_id``, ``out``.
+    dict: ``images``, ``channels``, ``seconds``, ``model_id``, ``features``, ``dropped`` (index ->
+    reason), ``out``.
     """
     images, meta = read_image_stack(source)
     n, c = check_images(images, str(source))
@@ -46,16 +57,53 @@ def run_embed(source: str | Path, out: str | Path, encode: EncodeConfig = Encode
                                  f"{','.join(names)!r}")
     if metadata:
         meta = pd.concat([meta, read_metadata_table(metadata, n)], axis=1)
+    label_images = _read_masks(masks, images, n) if masks else None
     encoder = Encoder(encode.weights, device="cpu" if encode.device == "auto" else encode.device,
-                      compile=(n * c >= COMPILE_FROM) if compile is None else compile, precision=encode.precision)
+                      compile=(n * c >= COMPILE_FROM) and "microsnoop" in features if compile is None else compile,
+                      precision=encode.precision)
     t0 = time.perf_counter()
-    feats = embed(images, batch_size=encode.batch_size, normalization=encode.normalization, source=str(source),
-                  progress=progress and n >= 64, encoder=encoder)
+    blocks, names_out, dropped = [], [], {}
+    if "microsnoop" in features:
+        blocks.append(embed(images, batch_size=encode.batch_size, normalization=encode.normalization,
+                            source=str(source), progress=progress and n >= 64, encoder=encoder))
+        names_out += feature_names(names)
+    if "cellprofiler" in features:
+        from ..features.cellprofiler import cellprofiler_names, measure_crops, require_cp_measure
+
+        require_cp_measure()
+        values, dropped = measure_crops(_stack(images), names, label_images)
+        blocks.append(values)
+        names_out += cellprofiler_names(names)
+        if dropped:
+            meta["Metadata_Dropped_Reason"] = [dropped.get(i) for i in range(n)]
     seconds = time.perf_counter() - t0
     meta.insert(0, "Metadata_ImageIndex", range(n))
     card = encoder.model_card
-    write_parquet(profile_table(meta, feats, feature_names(names)), out, provenance={
+    write_parquet(profile_table(meta, np.concatenate(blocks, axis=1), names_out), out, provenance={
         "command": "embed", "input": str(source), "channels": names, "config": dataclasses.asdict(encode),
+        "features": list(features), "masks": str(masks) if masks else None,
         "model_card": card.to_dict() if card else None, "normalization": encode.normalization})
     return {"images": n, "channels": c, "seconds": seconds, "model_id": card.model_id if card else "model",
-            "out": str(out)}
+            "features": list(features), "dropped": dropped, "out": str(out)}
+
+
+def _stack(images) -> np.ndarray:
+    """The images as one (N, C, H, W) array (a list of equal-size arrays is stacked)."""
+    if isinstance(images, (list, tuple)):
+        shapes = {np.shape(im) for im in images}
+        if len(shapes) != 1:
+            raise InputError("images", f"CellProfiler measurements need images of one size, got {sorted(shapes)[:3]}")
+        return np.stack([np.asarray(im) for im in images])
+    return np.asarray(images)
+
+
+def _read_masks(path: str | Path, images, n: int) -> np.ndarray:
+    """(N, H, W) integer label images matching the images."""
+    masks = load_array(path)
+    shape = _stack(images).shape if isinstance(images, (list, tuple)) else images.shape
+    if masks.ndim == 4 and masks.shape[1] == 1:
+        masks = masks[:, 0]
+    if masks.shape != (n, *shape[-2:]) or masks.dtype.kind not in "iub":
+        raise InputError(path, f"masks must be (N, H, W) = {(n, *shape[-2:])} integer labels, got {masks.shape} "
+                               f"{masks.dtype}")
+    return masks

@@ -97,9 +97,10 @@ def ray_dataset(cfg: ProfileConfig, items: list[WorkItem]):
         enc_res["resources"] = dict(enc.resources)
     ds = ray.data.from_items([{"item": it} for it in items], override_num_blocks=max(1, min(len(items), 1000)))
     ds = ds.map(read_row, num_cpus=read_cpus)
-    ds = ds.map_batches(CropStage, fn_constructor_args=(seg, crop, seg_gpu), batch_size=seg.fields_per_batch,
+    ds = ds.map_batches(CropStage, fn_constructor_args=(seg, crop, seg_gpu, None, None, cfg.feature_sets),
+                        batch_size=seg.fields_per_batch,
                         batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=n_crop), **crop_res)
-    ds = ds.map_batches(EncodeStage, fn_constructor_args=(enc, "cuda" if use_gpu else "cpu"),
+    ds = ds.map_batches(EncodeStage, fn_constructor_args=(enc, "cuda" if use_gpu else "cpu", cfg.feature_sets),
                         batch_size=enc.batch_size, batch_format="numpy",
                         compute=ActorPoolStrategy(size=n_enc,
                                                   max_tasks_in_flight_per_actor=max(2, enc.batches_in_flight)),

@@ -59,7 +59,7 @@ def run_fields(cfg: ProfileConfig, masks: Sequence[str | Path] | None = None, ce
     seg = cfg.segmentation
     work = cfg.work(masks=masks, centres=read_centres(centres) if centres else None, object_size=seg.diameter)
     files = {it.key: it.file_name for it in work.items if isinstance(it, FileField)}
-    encode = EncodeStage(cfg.encode)
+    encode = EncodeStage(cfg.encode, features=cfg.feature_sets)
     card = encode.encoder.model_card
     model_id = card.model_id if card else "microsnoop-unknown"
 
@@ -76,7 +76,7 @@ def run_fields(cfg: ProfileConfig, masks: Sequence[str | Path] | None = None, ce
     if any(CropStage(seg, cfg.crop).needs_segmentation(it) for it in work.items):
         segmenter, seg_desc = make_segmenter(seg.segmenter, seg.cellpose_model, seg.diameter)
         log.info("segmenting with %s", seg_desc)
-    crop = CropStage(seg, cfg.crop, on_field=qc, segmenter=segmenter)
+    crop = CropStage(seg, cfg.crop, on_field=qc, segmenter=segmenter, features=cfg.feature_sets)
     cell_tables, field_rows, skipped = [], [], [dict(p, Metadata_FileName=None) for p in work.problems]
 
     def write_site(key: SiteKey, cells: pd.DataFrame, dropped: list, rejected: int) -> None:
@@ -89,12 +89,13 @@ def run_fields(cfg: ProfileConfig, masks: Sequence[str | Path] | None = None, ce
         skipped.append(skipped_row(key, "site not profiled", reason, files.get(key)))
         progress_print(f"{files.get(key) or key}: skipped: {reason}")
 
-    collector = SiteCollector(write_site, write_skip, {p: i.channels for p, i in work.plates.items()})
+    collector = SiteCollector(write_site, write_skip, {p: i.channels for p, i in work.plates.items()},
+                              features=cfg.feature_sets)
     run_in_process(work.items, crop, encode, collector, batch_size=cfg.encode.batch_size,
                    fields_per_batch=seg.fields_per_batch)
     if collector.incomplete():  # the in-process executor hands on every plane: this is a bug
         raise RuntimeError(f"sites without all their planes: {collector.incomplete()[:5]}")
-    prov = {"command": "fields", "mode": cfg.crop.mode, "segmentation": segmenter_used(cfg, work.items, seg_desc),
+    prov = {"command": "fields", "mode": cfg.crop.mode, "features": list(cfg.feature_sets), "segmentation": segmenter_used(cfg, work.items, seg_desc),
             "channels": sorted({tuple(i.channels) for i in work.plates.values()}), "config": cfg.to_dict(),
             "aggregation": "mean", "model_card": card.to_dict() if card else None}
     outputs = []

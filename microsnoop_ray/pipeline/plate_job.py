@@ -202,7 +202,8 @@ def run_profile(cfg: ProfileConfig, progress_print=print, log_file: str | Path |
     provenance = {"model_card": card.to_dict() if card else None, "mode": cfg.crop.mode,
                   "segmenter": cfg.segmentation.segmenter, "normalization": cfg.encode.normalization,
                   "rescale_constant": cfg.crop.rescale_constant, "border": cfg.crop.border,
-                  "max_cells_per_site": cfg.crop.max_cells_per_site, **run_provenance(cfg, items),
+                  "max_cells_per_site": cfg.crop.max_cells_per_site, "features": list(cfg.feature_sets),
+                  **run_provenance(cfg, items),
                   "illumination": illumination}
     counts = {"sites_written": 0, "sites_skipped": 0}
     files = {it.key: it.file_name for it in items if isinstance(it, FileField)}
@@ -228,7 +229,8 @@ def run_profile(cfg: ProfileConfig, progress_print=print, log_file: str | Path |
             if progress is not None:
                 progress.site_done(key, None if cells is None else len(cells))
 
-        collector = SiteCollector(write_site, write_skip, {p: i.channels for p, i in plates.items()}, on_site)
+        collector = SiteCollector(write_site, write_skip, {p: i.channels for p, i in plates.items()}, on_site,
+                                  cfg.feature_sets)
         t_run = time.perf_counter()
         with ray_output_to(log_file) as terminal:
             progress = PlateProgress(per_plate, stream=terminal) if cfg.run.progress else None

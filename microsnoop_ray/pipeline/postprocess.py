@@ -25,28 +25,32 @@ log = logging.getLogger(__name__)
 
 
 def read_sites(layout: Layout, plates: dict[str, PlateInfo], method: str = "mean",
-               ) -> tuple[pd.DataFrame, list[dict]]:
-    """Site profiles from the written site files (one file in memory at a time), and what is missing."""
-    rows, skipped = [], []
+               ) -> tuple[pd.DataFrame, list[dict], int]:
+    """Site profiles from the written site files (one file in memory at a time), what is missing, and
+    how many per-cell values are NaN (CellProfiler measurements cp-measure could not define; the
+    aggregation skips them)."""
+    rows, skipped, nan_values = [], [], 0
     for plate, info in sorted(plates.items()):
         for key in sorted(set(info.sites), key=lambda k: (str(k.well), k.site)):
             written, reason, dropped = layout.read_notes(info.batch, key)
             if written:
                 cells = pd.read_parquet(layout.site_dir(info.batch, key) / "embeddings.parquet")
                 keys = SITE_KEYS + ["Metadata_Row", "Metadata_Column"]
-                rows.append(aggregate(cells[keys + feature_columns(cells)], keys, method))
+                feats = feature_columns(cells)
+                nan_values += int(cells[feats].isna().to_numpy().sum())
+                rows.append(aggregate(cells[keys + feats], keys, method))
                 skipped += [skipped_row(key, "cell left out", c["reason"]) for c in dropped]
             else:
                 skipped.append(skipped_row(key, "site not profiled",
                                            reason or "not processed (interrupted run? rerun the same command)"))
     sites = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
-    return sites, skipped
+    return sites, skipped, nan_values
 
 
 def postprocess(cfg: ProfileConfig, plates: dict[str, PlateInfo], layout: Layout, problems: list[dict],
                 provenance: dict, platemap: pd.DataFrame | None = None) -> dict:
     """Site -> well aggregation, plate map, sphering, treatments; writes every profile file."""
-    sites, skipped = read_sites(layout, plates, cfg.aggregation)
+    sites, skipped, nan_values = read_sites(layout, plates, cfg.aggregation)
     skipped = [skipped_row((p["Metadata_Plate"], p["Metadata_Well"], p["Metadata_Site"]), p["kind"], p["reason"])
                for p in problems] + skipped
     summary = {"model_id": layout.model_id, "out": str(layout.root), "plates": {}, "outputs": [],
@@ -67,7 +71,8 @@ def postprocess(cfg: ProfileConfig, plates: dict[str, PlateInfo], layout: Layout
     wells.insert(3, "Metadata_Model", layout.model_id)
     skipped += [skipped_row((p["Metadata_Plate"], p["Metadata_Well"], None), "plate map", p["reason"])
                 for p in map_problems]
-    constant = constant_features(sites, plates)
+    wells, summary["nonfinite"] = drop_undefined(wells, nan_values)
+    constant = constant_features(sites[[c for c in sites.columns if c in wells.columns]], plates)
     summary["constant_features"] = constant
     for plate, c in constant.items():
         log.warning("plate %s: %d feature(s) are constant over its sites%s%s", plate, c["n_features"],
@@ -183,3 +188,20 @@ def constant_features(sites: pd.DataFrame, plates: dict[str, PlateInfo]) -> dict
                  and any(f.startswith(f"Microsnoop_{ch}_") for f in feats)]
         out[plate] = {"n_features": len(const), "features": const, "channels": chans}
     return out
+
+
+def drop_undefined(wells: pd.DataFrame, nan_values: int) -> tuple[pd.DataFrame, dict]:
+    """The NaN rule's last step: a feature still NaN in some well profile (no cell of that well had a
+    value) is left out of the profiles, so that sphering and treatments see finite numbers only.
+
+    Returns the wells without those features and the counts for ``summary.json``.
+    """
+    feats = feature_columns(wells)
+    undefined = [f for f, bad in zip(feats, wells[feats].isna().any().to_numpy()) if bad]
+    if undefined:
+        log.warning("%d feature(s) are undefined (NaN) in some well, left out of the profiles: %s%s",
+                    len(undefined), ", ".join(undefined[:5]), " ..." if len(undefined) > 5 else "")
+    return wells.drop(columns=undefined), {"rule": "per cell: undefined or infinite measurements are NaN; "
+                                                   "aggregation skips NaN; features NaN in any well are left out",
+                                           "nan_cell_values": nan_values,
+                                           "features_left_out": undefined}

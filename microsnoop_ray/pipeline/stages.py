@@ -7,7 +7,9 @@ notebooks, unit tests) and on Ray Data (:func:`~microsnoop_ray.pipeline.executor
 ``read_row`` (task)      ``{"item": WorkItem, "image": ndarray, "error": str}``
 ``CropStage`` (actor)    one row per (object, channel) plane: the crop at its native size and dtype
                          (:data:`CROP_COLUMNS`), its site (``plate``, ``well``, ``site``), ``kind``
-                         (:data:`PLANE`), ``Metadata_ObjectNumber`` and window columns
+                         (:data:`PLANE`), ``Metadata_ObjectNumber`` and window columns; with
+                         ``cellprofiler`` features, the cell's CellProfiler measurements (``cp``,
+                         float64 bytes) on its channel-0 row, measured here on the cell's own object
 ``EncodeStage`` (actor)  pads, normalises and encodes on its device: ``features`` (n, 256)
 :class:`SiteCollector`   on the driver: writes every site once all its planes have arrived
 
@@ -65,6 +67,12 @@ def read_row(row: dict) -> dict:
 
 # --------------------------------------------------------------------------- crop (CPU actors)
 
+def _placeholder_channels(n: int) -> tuple[str, ...]:
+    """Channel names for measuring: the columns' order depends on the channels' positions only; the
+    collector names them with the plate's real channel names."""
+    return tuple(f"ch{i}" for i in range(n))
+
+
 def _rows(item: WorkItem, n: int, kind: str, reason: str = "", count=1, site_planes=None) -> dict:
     """The columns every row has, for ``n`` rows of one item."""
     if site_planes is None:
@@ -82,7 +90,8 @@ def _note_row(item: WorkItem, reason: str, kind: str = SKIP, count: int = 1, sit
     row.update({"channel": np.zeros(1, np.int64), "Metadata_ObjectNumber": np.array([int(object_number)]),
                 **{k: np.full(1, np.nan) for k in OBJECT_COLUMNS}, "objects_rejected": np.zeros(1, np.int64),
                 "crop": np.array([b""], dtype=object), "crop_h": np.zeros(1, np.int64),
-                "crop_w": np.zeros(1, np.int64), "crop_dtype": np.array(["<f4"], dtype=object)})
+                "crop_w": np.zeros(1, np.int64), "crop_dtype": np.array(["<f4"], dtype=object),
+                "cp": np.array([b""], dtype=object)})
     return row
 
 
@@ -94,12 +103,16 @@ def skip_rows(item: WorkItem, reason: str) -> dict:
     return _note_row(item, reason)
 
 
-def plane_rows(item: WorkItem, objects: pd.DataFrame, crops: np.ndarray, rejected: int = 0, dtype=None) -> dict:
+def plane_rows(item: WorkItem, objects: pd.DataFrame, crops: np.ndarray, rejected: int = 0, dtype=None,
+               measurements: np.ndarray | None = None, site_planes: int | None = None) -> dict:
     """One row per (object, channel) plane, the crop at its native size (compact hand-off).
 
     ``crops`` (m, c, h, w) may be cell-region windows zero-padded to 224 (fields): each is cut back
     to its window (``Metadata_Crop_*``), exactly what :func:`~microsnoop_ray.preprocess.pad_center`
     padded. Planes travel as raw bytes in ``dtype`` (the source's, when it holds the values exactly).
+    ``measurements`` (m, D) float64, the objects' CellProfiler measurements, travel on their
+    channel-0 rows (column ``cp``). ``site_planes``: the site's planes when some of its cells
+    leave as DROP rows (default: these rows, or the cell chunk's site).
     """
     m, c = crops.shape[:2]
     obj = objects.reset_index(drop=True)
@@ -121,7 +134,7 @@ def plane_rows(item: WorkItem, objects: pd.DataFrame, crops: np.ndarray, rejecte
             hs.append(crop.shape[-2])
             ws.append(crop.shape[-1])
     n = m * c
-    row = _rows(item, n, PLANE)
+    row = _rows(item, n, PLANE, site_planes=site_planes)
     row.update({"channel": np.tile(np.arange(c, dtype=np.int64), m),
                 "Metadata_ObjectNumber": np.repeat(obj["Metadata_ObjectNumber"].to_numpy(np.int64), c),
                 **{k: np.repeat(obj[k].to_numpy(np.float64) if k in obj else np.full(m, np.nan), c)
@@ -129,6 +142,10 @@ def plane_rows(item: WorkItem, objects: pd.DataFrame, crops: np.ndarray, rejecte
                 "objects_rejected": np.full(n, int(rejected), np.int64),
                 "crop": np.array(data, dtype=object), "crop_h": np.array(hs, np.int64),
                 "crop_w": np.array(ws, np.int64), "crop_dtype": np.full(n, dtype.str, dtype=object)})
+    cp = np.full(n, b"", dtype=object)
+    if measurements is not None:
+        cp[::c] = [np.ascontiguousarray(v, np.float64).tobytes() for v in measurements]
+    row["cp"] = cp
     return row
 
 
@@ -159,12 +176,21 @@ class CropStage:
     segmenter : callable, optional
         A segmenter already made (:func:`~microsnoop_ray.segment.make_segmenter`); by default the
         first field that needs one makes it.
+    features : tuple of str
+        With ``cellprofiler``, every kept cell is measured by cp-measure on its own object (the
+        site's label image; for cells without one, the object nearest the crop centre); a cell it
+        cannot measure becomes a :data:`DROP` row with the reason.
     """
 
     def __init__(self, segmentation: SegmentationConfig = SegmentationConfig(), crop: CropConfig = CropConfig(),
-                 gpu: bool = False, on_field: Callable | None = None, segmenter: Callable | None = None):
+                 gpu: bool = False, on_field: Callable | None = None, segmenter: Callable | None = None,
+                 features: tuple[str, ...] = ("microsnoop",)):
         self.seg, self.crop, self.gpu, self.on_field = segmentation, crop, gpu, on_field
         self._segment = segmenter
+        self.measure = "cellprofiler" in features
+        if self.measure:
+            from ..features.cellprofiler import require_cp_measure
+            require_cp_measure()
 
     def segmenter(self):
         if self._segment is None:
@@ -220,8 +246,36 @@ class CropStage:
         if "Metadata_ObjectNumber" not in objects:
             objects = objects.assign(Metadata_ObjectNumber=np.arange(1, len(prep.crops) + 1))
         keep = self._subsample(len(prep.crops), item.key)
-        return plane_rows(item, objects.iloc[keep], prep.crops[keep], rejected=len(prep.rejected),
-                          dtype=image.dtype)
+        objects, crops = objects.iloc[keep].reset_index(drop=True), prep.crops[keep]
+        if not self.measure:
+            return plane_rows(item, objects, crops, rejected=len(prep.rejected), dtype=image.dtype)
+        from ..features.cellprofiler import measure_crops, measure_windows
+
+        names = _placeholder_channels(image.shape[0])
+        if labels is not None:
+            values, failed = measure_windows(image, labels, objects, names)
+        else:  # objects given by centres: each window's object nearest its centre
+            windows = [image[:, t:b, l:r] for t, b, l, r in objects[["Metadata_Crop_Top", "Metadata_Crop_Bottom",
+                       "Metadata_Crop_Left", "Metadata_Crop_Right"]].to_numpy(np.int64)]
+            values = np.stack([measure_crops(w[None], names)[0][0] for w in windows])
+            failed = {int(o): "CellProfiler measurements: its object could not be measured"
+                      for o, v in zip(objects["Metadata_ObjectNumber"], values) if np.isnan(v).all()}
+        return self._measured_rows(item, objects, crops, values, failed, len(prep.rejected), image.dtype)
+
+    def _measured_rows(self, item, objects: pd.DataFrame, crops: np.ndarray, values: np.ndarray,
+                       failed: dict[int, str], rejected: int, dtype) -> dict:
+        """Plane rows of the measured cells, DROP rows (with the reason) for those cp-measure could not measure."""
+        numbers = objects["Metadata_ObjectNumber"].to_numpy(np.int64)
+        ok = np.array([int(o) not in failed for o in numbers], bool)
+        c = crops.shape[1]
+        total = item.site_planes if isinstance(item, CellChunk) else len(numbers) * c
+        rows = [_note_row(item, f"{item.where}: cell {int(o)}: {failed[int(o)]}", DROP, count=c,
+                          site_planes=total, object_number=int(o))
+                for o in numbers[~ok]]
+        if ok.any():
+            rows.append(plane_rows(item, objects[ok].reset_index(drop=True), crops[ok], rejected=rejected,
+                                   dtype=dtype, measurements=values[ok], site_planes=total))
+        return concat_rows(rows) if rows else skip_rows(item, f"{item.where}: no cell could be measured")
 
     def _cells(self, item: CellChunk, cells: np.ndarray) -> dict:
         if cells.shape[-1] > INPUT_SIZE or cells.shape[-2] > INPUT_SIZE:
@@ -235,7 +289,15 @@ class CropStage:
                           count=cells.shape[1], site_planes=item.site_planes, object_number=int(o))
                 for o in numbers[bad]]
         if (~bad).any():
-            rows.append(plane_rows(item, pd.DataFrame({"Metadata_ObjectNumber": numbers[~bad]}), cells[~bad]))
+            objects = pd.DataFrame({"Metadata_ObjectNumber": numbers[~bad]})
+            if self.measure:
+                from ..features.cellprofiler import measure_crops
+
+                values, failed = measure_crops(cells[~bad], _placeholder_channels(cells.shape[1]))
+                failed = {int(numbers[~bad][i]): why for i, why in failed.items()}
+                rows.append(self._measured_rows(item, objects, cells[~bad], values, failed, 0, cells.dtype))
+            else:
+                rows.append(plane_rows(item, objects, cells[~bad]))
         return concat_rows(rows)
 
     def __call__(self, batch: dict) -> dict:
@@ -263,9 +325,13 @@ class EncodeStage:
         Weights, normalisation, precision, compile, threads (``device`` ``auto``: CUDA if available).
     device : str, optional
         Overrides ``encode.device`` (the Ray executor passes what the cluster has).
+    features : tuple of str
+        Without ``microsnoop`` the crops pass through unencoded (zero features, dropped by the
+        collector); the model is still loaded, for its id in the output layout.
     """
 
-    def __init__(self, encode: EncodeConfig = EncodeConfig(), device: str | None = None):
+    def __init__(self, encode: EncodeConfig = EncodeConfig(), device: str | None = None,
+                 features: tuple[str, ...] = ("microsnoop",)):
         import torch
 
         from ..encode import Encoder
@@ -276,13 +342,14 @@ class EncodeStage:
             torch.set_num_threads(int(encode.threads or len(os.sched_getaffinity(0))))
         self.encoder = Encoder(encode.weights, device=device, compile=encode.compile, precision=encode.precision)
         self.normalization = encode.normalization
+        self.encode = "microsnoop" in features
 
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()
         n = len(batch["kind"])
         feats = np.zeros((n, EMBED_DIM), np.float32)
         real = batch["kind"] == PLANE
-        if real.any():
+        if self.encode and real.any():
             feats[real] = self.encoder.embed_crops(crops_of({k: batch[k][real] for k in CROP_COLUMNS}),
                                                    self.normalization)
         batch = {k: v for k, v in batch.items() if k not in CROP_COLUMNS}
@@ -306,10 +373,14 @@ class SiteCollector:
     channels : dict plate -> list of channel names
     on_site : callable(key, cells or None), optional
         Called after each site (progress lines).
+    features : tuple of str
+        The feature sets the per-cell tables hold (:func:`assemble_cells`).
     """
 
-    def __init__(self, write_site, write_skip, channels: dict[str, list[str]], on_site: Callable | None = None):
+    def __init__(self, write_site, write_skip, channels: dict[str, list[str]], on_site: Callable | None = None,
+                 features: tuple[str, ...] = ("microsnoop",)):
         self.write_site, self.write_skip, self.channels, self.on_site = write_site, write_skip, channels, on_site
+        self.features = features
         self.pending: dict[SiteKey, list[dict]] = {}
         self.received: dict[SiteKey, int] = {}
         self.seen: dict[SiteKey, set] = {}
@@ -368,7 +439,7 @@ class SiteCollector:
             if len(kept["kind"]) == 0:
                 self.write_skip(key, f"every cell was left out ({dropped[0]['reason']})")
             else:
-                cells = assemble_cells(kept, self.channels[key.plate])
+                cells = assemble_cells(kept, self.channels[key.plate], self.features)
                 self.write_site(key, cells, dropped, int(kept["objects_rejected"].max()))
         if self.on_site is not None:
             self.on_site(key, cells)
@@ -377,14 +448,25 @@ class SiteCollector:
         return sorted(self.pending, key=str)
 
 
-def assemble_cells(rows: dict, channels: list[str]) -> pd.DataFrame:
+def assemble_cells(rows: dict, channels: list[str], features: tuple[str, ...] = ("microsnoop",)) -> pd.DataFrame:
     """Plane rows of one site -> one row per object with its channels' features side by side
-    (``Metadata_ObjectNumber``, the object columns that are known, then the features)."""
+    (``Metadata_ObjectNumber``, the object columns that are known, then the embedding's columns
+    and the CellProfiler columns, as ``features`` asks)."""
     from ..encode import feature_names
     c = len(channels)
     order = np.lexsort((rows["channel"], rows["Metadata_ObjectNumber"]))
-    feats = rows["features"][order].reshape(-1, c * EMBED_DIM)
     first = order[::c]
+    blocks = []
+    if "microsnoop" in features:
+        blocks.append(pd.DataFrame(rows["features"][order].reshape(-1, c * EMBED_DIM), columns=feature_names(channels)))
+    if "cellprofiler" in features:
+        from ..features.cellprofiler import cellprofiler_names
+
+        names = cellprofiler_names(channels)
+        values = np.stack([np.frombuffer(b, np.float64) for b in rows["cp"][first]])
+        if values.shape[1] != len(names):  # every object is measured with the same layout: a bug if not
+            raise RuntimeError(f"{values.shape[1]} CellProfiler values for {len(names)} names")
+        blocks.append(pd.DataFrame(values, columns=names))
     meta = pd.DataFrame({"Metadata_ObjectNumber": rows["Metadata_ObjectNumber"][first].astype(np.int64),
                          **{k: rows[k][first] for k in OBJECT_COLUMNS}})
     for k in ("Metadata_Crop_Top", "Metadata_Crop_Bottom", "Metadata_Crop_Left", "Metadata_Crop_Right",
@@ -393,4 +475,4 @@ def assemble_cells(rows: dict, channels: list[str]) -> pd.DataFrame:
             meta = meta.drop(columns=k)
         elif k != "Metadata_Object_Area" or not meta[k].isna().any():
             meta[k] = meta[k].astype(np.int64)
-    return pd.concat([meta.reset_index(drop=True), pd.DataFrame(feats, columns=feature_names(channels))], axis=1)
+    return pd.concat([meta.reset_index(drop=True), *blocks], axis=1)

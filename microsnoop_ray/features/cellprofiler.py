@@ -1,0 +1,313 @@
+"""CellProfiler measurements of each cell, on its own object, with cp-measure.
+
+cp-measure re-implements CellProfiler's measurement modules (MeasureObjectSizeShape,
+MeasureObjectIntensity, MeasureTexture, MeasureGranularity, MeasureObjectIntensityDistribution,
+MeasureColocalization) as functions on arrays. This module runs them on one object at a time and
+names the results the way CellProfiler does, so that pycytominer's ``features="infer"`` finds them:
+
+=====================================  ==============================================
+cp-measure                              CellProfiler column (compartment ``Cells``)
+=====================================  ==============================================
+``Area``                                ``Cells_AreaShape_Area``
+``Intensity_MeanIntensity__DNA``        ``Cells_Intensity_MeanIntensity_DNA``
+``Contrast_3_00_256__DNA``              ``Cells_Texture_Contrast_DNA_3_00_256``
+``Granularity_1__DNA``                  ``Cells_Granularity_1_DNA``
+``RadialDistribution_FracAtD_1of4__DNA`` ``Cells_RadialDistribution_FracAtD_DNA_1of4``
+``Correlation_Pearson__DNA__ER``        ``Cells_Correlation_Correlation_DNA_ER``
+``Correlation_Manders_2__DNA__ER``      ``Cells_Correlation_Manders_ER_DNA``
+=====================================  ==============================================
+
+Why some are left out: positions (``Center_X``, bounding-box corners, ``Location_*``) depend on
+where the object lies, not on what it looks like; its centre is already the row's
+``Metadata_Location_Center_X/Y``. cp-measure measures Pearson, slope and Costes for both orders
+of a channel pair; CellProfiler measures each pair once, in the order the channels are listed,
+so a name that the other order gives again is kept from the first (Costes' thresholds depend on
+the order, so the two are not equal).
+
+Pixel scale: integer images are divided by their type's maximum (65535 for uint16), as
+CellProfiler reads them; float images are measured as they are.
+
+Non-finite values, one rule: whatever cp-measure cannot define for an object (a correlation with a
+constant channel, a radial bin with no pixels) is written as NaN, and infinities become NaN too;
+nothing is set to zero. Aggregation skips NaN (a well's value is the mean of the cells that have
+one); a feature still NaN in a well profile is left out of the profiles, named in ``summary.json``.
+
+A cell cp-measure cannot measure at all (its object is empty in the window, or a measurement
+module raises on it) is reported with the reason, never filled in.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Sequence
+
+import numpy as np
+
+#: the feature sets a command can write (``--features``)
+FEATURE_SETS = ("microsnoop", "cellprofiler")
+#: the compartment prefix of every column (one object per cell: the cell)
+COMPARTMENT = "Cells"
+#: measures that depend on the object's position, not its appearance (see the module docstring)
+_POSITION = ("Center_", "BoundingBoxMinimum_", "BoundingBoxMaximum_", "Location_")
+
+
+class MeasureError(Exception):
+    """cp-measure could not measure one object (the cell is dropped with this reason)."""
+
+
+def parse_feature_sets(text: str | Sequence[str]) -> tuple[str, ...]:
+    """``"microsnoop,cellprofiler"`` -> ``("microsnoop", "cellprofiler")``, checked and in a fixed order.
+
+    Raises
+    ------
+    ValueError
+        An unknown name, or an empty list.
+    """
+    names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    bad = [n for n in names if n not in FEATURE_SETS]
+    if bad or not names:
+        raise ValueError(f"features must be a comma list of {', '.join(FEATURE_SETS)}, not {text!r}")
+    return tuple(s for s in FEATURE_SETS if s in names)
+
+
+def require_cp_measure() -> None:
+    """Raise ImportError naming the package when cp-measure is missing (it is a dependency of
+    microsnoop-ray; an environment may still lack it)."""
+    try:
+        import cp_measure  # noqa: F401
+    except ImportError:
+        raise ImportError("--features cellprofiler needs cp-measure, a dependency of microsnoop-ray that this "
+                          "environment lacks: pip install cp-measure") from None
+
+
+def cellprofiler_name(key: str) -> str | None:
+    """One cp-measure column -> its CellProfiler name, or None when it is left out (positions, the
+    second order of a symmetric pair is decided by :func:`cellprofiler_names`)."""
+    parts = key.split("__")
+    measure, chans = parts[0], parts[1:]
+    if measure.startswith(_POSITION):
+        return None
+    if not chans:
+        return f"{COMPARTMENT}_AreaShape_{measure}"
+    if len(chans) == 2:
+        a, b = chans
+        name = measure.removeprefix("Correlation_")
+        if name == "Pearson":
+            return f"{COMPARTMENT}_Correlation_Correlation_{a}_{b}"
+        if name.endswith(("_1", "_2")):
+            first, second = (a, b) if name.endswith("_1") else (b, a)
+            return f"{COMPARTMENT}_Correlation_{name[:-2]}_{first}_{second}"
+        return f"{COMPARTMENT}_Correlation_{name}_{a}_{b}"
+    ch = chans[0]
+    if measure.startswith("Intensity_"):
+        return f"{COMPARTMENT}_{measure}_{ch}"
+    if measure.startswith("Granularity_"):
+        return f"{COMPARTMENT}_{measure}_{ch}"
+    if measure.startswith("RadialDistribution_"):
+        kind, _, rest = measure.removeprefix("RadialDistribution_").partition("_")
+        return f"{COMPARTMENT}_RadialDistribution_{kind}_{ch}_{rest}"
+    name, _, scale = measure.partition("_")  # Haralick texture: <Feature>_<scale>_<angle>_<levels>
+    return f"{COMPARTMENT}_Texture_{name}_{ch}_{scale}"
+
+
+def _config(channels: tuple[str, ...], scale_max: int) -> dict:
+    from cp_measure.featurizer import make_featurizer_config
+
+    return make_featurizer_config(list(channels), objects=[COMPARTMENT],
+                                  correlation_costes_params={"scale_max": scale_max})
+
+
+@functools.lru_cache(maxsize=32)
+def _layout(channels: tuple[str, ...]) -> tuple[tuple[str, ...], np.ndarray]:
+    """(CellProfiler names, the cp-measure columns they come from): fixed for a list of channels,
+    read off one synthetic object so that every site of a run has the same columns."""
+    size = 32
+    yy, xx = np.indices((size, size))
+    mask = (((yy - 15.5) ** 2 + (xx - 15.5) ** 2) < 100).astype(np.int32)
+    rng = np.random.default_rng(0)
+    image = rng.random((len(channels), size, size))
+    keys = _featurize(image, mask, channels, 65535)[1]
+    names, index, seen = [], [], set()
+    for i, k in enumerate(keys):
+        n = cellprofiler_name(k)
+        if n is not None and n not in seen:
+            seen.add(n)
+            names.append(n)
+            index.append(i)
+    return tuple(names), np.asarray(index)
+
+
+def cellprofiler_names(channel_names: Sequence[str]) -> list[str]:
+    """The CellProfiler columns measured for these channels, in the order :func:`measure_object` returns."""
+    require_cp_measure()
+    return list(_layout(tuple(channel_names))[0])
+
+
+def _featurize(image: np.ndarray, mask: np.ndarray, channels: tuple[str, ...], scale_max: int):
+    """cp-measure on one object; ``scale_max``: the Costes threshold search's levels (the pixel type's maximum)."""
+    from cp_measure.featurizer import featurize
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cp-measure's divide-by-zero warnings: their NaNs are the rule
+        with np.errstate(all="ignore"):
+            data, cols, _ = featurize(image[None], mask[None, None], _config(channels, scale_max))
+    return data[0], cols
+
+
+def intensity_scale(dtype) -> float:
+    """What CellProfiler divides the pixels by: the integer type's maximum, 1 for floats."""
+    dtype = np.dtype(dtype)
+    return float(np.iinfo(dtype).max) if dtype.kind in "ui" else 1.0
+
+
+def measure_object(image: np.ndarray, mask: np.ndarray, channel_names: Sequence[str]) -> np.ndarray:
+    """CellProfiler measurements of one object.
+
+    Parameters
+    ----------
+    image : ndarray (C, H, W), any numeric dtype
+        The object's window of the field (or a cell crop).
+    mask : ndarray (H, W), bool or int
+        Nonzero on the object.
+    channel_names : sequence of C str
+
+    Returns
+    -------
+    ndarray (D,) float64, in the order of :func:`cellprofiler_names`; NaN where a measure is
+    undefined (the module's rule).
+
+    Raises
+    ------
+    MeasureError
+        The object is empty, or cp-measure fails on it.
+    """
+    channels = tuple(channel_names)
+    names, index = _layout(channels)
+    mask = np.asarray(mask) != 0
+    if not mask.any():
+        raise MeasureError("its object has no pixels in the window")
+    scale = intensity_scale(image.dtype)
+    pixels = np.asarray(image, np.float64) / scale
+    try:
+        values, _ = _featurize(pixels, mask.astype(np.int32), channels, 65535 if scale == 1.0 else int(scale))
+    except (ValueError, IndexError, ZeroDivisionError, FloatingPointError, np.linalg.LinAlgError) as exc:
+        raise MeasureError(f"cp-measure failed on it ({type(exc).__name__}: {str(exc)[:160]})") from None
+    out = np.asarray(values, np.float64)[index]
+    out[~np.isfinite(out)] = np.nan
+    return out
+
+
+def measure_windows(image: np.ndarray, labels: np.ndarray, objects, channel_names: Sequence[str],
+                    ) -> tuple[np.ndarray, dict[int, str]]:
+    """Measure every object of a field on its own label, inside its crop window.
+
+    Parameters
+    ----------
+    image : ndarray (C, H, W)
+    labels : ndarray (H, W) int
+        The site's label image (Cellpose, classical or supplied objects).
+    objects : DataFrame
+        ``Metadata_ObjectNumber`` (the label) and the window ``Metadata_Crop_Top/Bottom/Left/Right``
+        (the cell region the crop was cut from, :func:`~microsnoop_ray.crop.crop_windows`).
+
+    Returns
+    -------
+    values : ndarray (M, D) float64, NaN rows for the objects that failed
+    failed : dict object number -> reason
+    """
+    names = cellprofiler_names(channel_names)
+    out = np.full((len(objects), len(names)), np.nan)
+    failed = {}
+    cols = ["Metadata_ObjectNumber", "Metadata_Crop_Top", "Metadata_Crop_Bottom", "Metadata_Crop_Left",
+            "Metadata_Crop_Right"]
+    for i, (obj, t, b, l, r) in enumerate(objects[cols].to_numpy(np.int64)):
+        try:
+            out[i] = measure_object(image[:, t:b, l:r], labels[t:b, l:r] == obj, channel_names)
+        except MeasureError as exc:
+            failed[int(obj)] = f"CellProfiler measurements: {exc}"
+    return out, failed
+
+
+def nearest_object_masks(images: np.ndarray, channels: Sequence[int] | None = None,
+                         sigma: float = 1.0) -> np.ndarray:
+    """One object per crop: the Otsu foreground component nearest the crop centre, holes filled.
+
+    For cells that come as crops without masks (``embed``, cell arrays).
+
+    Parameters
+    ----------
+    images : ndarray (n, c, h, w)
+    channels : list of int, optional
+        Channels whose 1-99 percentile-normalised sum is thresholded (default: all).
+
+    Returns
+    -------
+    ndarray (n, h, w) int32, 1 inside the object and 0 elsewhere. A crop with no foreground
+    gets the whole crop as its object (so every crop is measured).
+    """
+    from scipy import ndimage as ndi
+    from skimage.filters import gaussian, threshold_otsu
+
+    from ..preprocess import normalize_percentile
+
+    n, c, h, w = images.shape
+    sel = list(range(c)) if channels is None else list(channels)
+    out = np.zeros((n, h, w), np.int32)
+    yy, xx = np.indices((h, w))
+    d2 = (yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2
+    for i in range(n):
+        g = gaussian(normalize_percentile(images[i, sel].astype(np.float32)).sum(0), sigma)
+        lab, k = ndi.label(g > threshold_otsu(g)) if g.max() > g.min() else (None, 0)
+        if k == 0:
+            out[i] = 1
+            continue
+        nearest = 1 + int(np.argmin(ndi.minimum(d2, lab, np.arange(1, k + 1))))
+        out[i] = ndi.binary_fill_holes(lab == nearest)
+    return out
+
+
+def object_masks(masks: np.ndarray) -> np.ndarray:
+    """Supplied masks (n, h, w) -> one object per crop: the label under the crop centre, else the
+    label nearest to it (a crop's mask may show its neighbours too)."""
+    from scipy import ndimage as ndi
+
+    masks = np.asarray(masks)
+    n, h, w = masks.shape
+    yy, xx = np.indices((h, w))
+    d2 = (yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2
+    out = np.zeros((n, h, w), np.int32)
+    for i in range(n):
+        ids = np.unique(masks[i])
+        ids = ids[ids != 0]
+        if len(ids):
+            nearest = ids[int(np.argmin(ndi.minimum(d2, masks[i], ids)))]
+            out[i] = masks[i] == nearest
+    return out
+
+
+def measure_crops(crops: np.ndarray, channel_names: Sequence[str], masks: np.ndarray | None = None,
+                  ) -> tuple[np.ndarray, dict[int, str]]:
+    """Measure pre-cropped cells, one object per crop.
+
+    Parameters
+    ----------
+    crops : ndarray (n, C, h, w)
+    masks : ndarray (n, h, w) int, optional
+        Given masks (:func:`object_masks` picks each crop's own object); default
+        :func:`nearest_object_masks`.
+
+    Returns
+    -------
+    values : ndarray (n, D) float64, NaN rows for the crops that failed
+    failed : dict crop index -> reason
+    """
+    names = cellprofiler_names(channel_names)
+    objs = nearest_object_masks(crops) if masks is None else object_masks(masks)
+    out = np.full((len(crops), len(names)), np.nan)
+    failed = {}
+    for i in range(len(crops)):
+        try:
+            out[i] = measure_object(crops[i], objs[i], channel_names)
+        except MeasureError as exc:
+            failed[i] = f"CellProfiler measurements: {exc}"
+    return out, failed
