@@ -23,10 +23,15 @@ ranking by issue 21's rule: one vote each for mlcp (mean of its measures), chx (
 held-out sets A, B, C (their kNN k = 11 as measured outside the repository and reported in the
 issue); the default is the best mean rank, provided it beats random init on most dev measures.
 
+``--ship NAME --table JSON`` writes the winner as the package's default weights: encoder only,
+fp16, with a model card (source, conversion, preprocessing contract, licence, the study's tables
+and how far fp16 storage moves the embeddings) and ``MODEL_CARD.md`` beside it.
+
 Usage::
 
     python benchmarks/weights_study.py --out benchmarks/results/weights_study_cpu_<date>.json
     python benchmarks/weights_study.py --table benchmarks/results/weights_study_cpu_<date>.json
+    python benchmarks/weights_study.py --table benchmarks/results/weights_study_cpu_<date>.json --ship scellseg
 """
 from __future__ import annotations
 
@@ -57,6 +62,8 @@ HELD_OUT = {
     "B": {"shipped": 0.763, "random init": 0.803, "cellpose": 0.788, "scellseg": 0.788, "hover": 0.783},
     "C": {"shipped": 0.774, "random init": 0.839, "cellpose": 0.968, "scellseg": 0.984, "hover": 0.952},
 }
+#: the MAE weights that were the default until this study; kept loadable by file
+OLD_DEFAULT = ROOT / "microsnoop_ray" / "weights" / "microsnoop-ray-gpu-224-0eb2f79e.pt"
 
 
 def dev_cells(per_class: int, per_dose: int, seed: int = 0) -> dict:
@@ -99,7 +106,7 @@ def candidates(seeds: int, shipped: str | None) -> dict:
             return MicrosnoopUNet().eval()
         return make
 
-    out = {"shipped": lambda: load_model(shipped)}
+    out = {"shipped": lambda: load_model(shipped or OLD_DEFAULT)}
     for n in SCELLSEG_NETWORKS:
         out[n] = (lambda n=n: load_model(f"cellpose:{scellseg_file(n)}"))
     for s in range(seeds):
@@ -229,18 +236,120 @@ def tables(doc: dict) -> str:
     return "\n".join(lines)
 
 
+LICENCE_NOTICE = """The default weights of microsnoop-ray (microsnoop_default.pt) are the encoder of the
+"{name}" network shipped in the scellseg 0.1.8 source distribution (PyPI, scellseg/assets/pretrained_models/{name}),
+converted to the Microsnoop layout. scellseg builds on Cellpose; both are distributed under the
+BSD 3-Clause licence. Their notices follow.
+
+--- scellseg 0.1.8 (LICENSE in its sdist) ---
+{scellseg}
+--- Cellpose (LICENSE of cellpose {cellpose_version}) ---
+{cellpose}
+"""
+
+
+def _licence_texts() -> tuple[str, str, str]:
+    """(scellseg LICENSE, Cellpose LICENSE, cellpose version), read from the sdist and the installed package."""
+    from importlib import metadata
+
+    from microsnoop_ray.datasets import fetch_package_files
+
+    scellseg = (fetch_package_files("scellseg-licence") / "LICENSE").read_text()
+    dist = metadata.distribution("cellpose")
+    cellpose = next((dist.locate_file(f).read_text() for f in dist.files or [] if f.name in ("LICENSE", "LICENSE.txt")),
+                    None)
+    if not scellseg or not cellpose:
+        raise SystemExit("licence texts not found: need the scellseg sdist's LICENSE and the installed cellpose's")
+    return scellseg, cellpose, dist.version
+
+
+def ship(doc: dict, name: str, study: Path) -> dict:
+    """Write candidate ``name`` as ``microsnoop_ray/weights/microsnoop_default.pt`` (encoder only, fp16),
+    its licence notice and MODEL_CARD.md; returns the card."""
+    import torch
+
+    from microsnoop_ray.evaluate.baselines import network_features
+    from microsnoop_ray.evaluate.metrics import centred_relative_error
+    from microsnoop_ray.model import ModelCard, load_model, save_model
+
+    rows, _ = summarise(doc)
+    rank, winner = ranking(rows)
+    if name != winner:
+        raise SystemExit(f"{name} is not the study's winner ({winner})")
+    src = scellseg_file(name)
+    model = load_model(f"cellpose:{src}")
+    dest = ROOT / "microsnoop_ray" / "weights" / "microsnoop_default.pt"
+    contract = {"input_size": 224, "padding": "each one-channel crop zero-padded centred to 224 x 224 (larger "
+                "crops are centre-cut)", "normalisation": "after padding, the 1st and 99th percentiles of the "
+                "padded image map to 0 and 1 (no clipping)", "channels": "each channel embedded on its own",
+                "readout": "global average pool of the deepest encoder map, L2-normalised (256 per channel)"}
+    card = ModelCard(
+        model_id=f"microsnoop-scellseg-{name}-{{hash}}", weights_sha256="", input_size=224,
+        training_data=f"scellseg's own training of its '{name}' network (Cellpose data and scellseg's contrast "
+                      "sets, per its authors); not trained by this project",
+        source=f"scellseg 0.1.8 sdist (PyPI), scellseg/assets/pretrained_models/{name}",
+        notes="Encoder of a Cellpose-layout segmentation network, converted by microsnoop_ray.model.convert "
+              "(cellpose_to_microsnoop: first layer reduced to Cellpose's first input channel; split_fitting: "
+              f"{model.model_card.extra.get('left_out', 0)} decoder tensors of another layout left out). "
+              "Encoder only, stored in fp16: it embeds; it cannot reconstruct (train --init from it starts "
+              "the decoder from scratch). Chosen by benchmarks/weights_study.py (see weights_study).",
+        extra={"licence": "BSD-3-Clause (scellseg, Cellpose): see microsnoop_default.LICENSE",
+               "preprocessing": contract, "converted_tensors_left_out": model.model_card.extra.get("left_out", 0),
+               "weights_study": {"result": str(study.resolve().relative_to(ROOT)), "ranking": rank, "winner": winner}})
+    card = save_model(model, dest, card, half=True, encoder_only=True)
+    # What fp16 storage costs, on the same dev cells the study used (the study measured fp32).
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    images = dev_cells(doc["per_class_cap"], doc["per_dose_cap"])["chx"][0][:96]
+    f32 = network_features(images, model)
+    f16 = network_features(images, load_model(dest))
+    card.extra["fp16_storage_centred_relative_error"] = {"median": round(centred_relative_error(f16, f32), 5),
+                                                          "cells": int(len(images)), "set": "bbbc021_chx (dev)"}
+    card = save_model(load_model(dest), dest, card, half=True, encoder_only=True)  # same values: the card gains the check
+    scellseg_lic, cellpose_lic, cp_version = _licence_texts()
+    (dest.parent / "microsnoop_default.LICENSE").write_text(LICENCE_NOTICE.format(
+        name=name, scellseg=scellseg_lic.strip(), cellpose=cellpose_lic.strip(), cellpose_version=cp_version))
+    (dest.parent / "MODEL_CARD.md").write_text(model_card_markdown(card.to_dict(), tables(doc)))
+    return card.to_dict()
+
+
+def model_card_markdown(card: dict, study_tables: str) -> str:
+    pre = card["extra"]["preprocessing"]
+    err = card["extra"]["fp16_storage_centred_relative_error"]
+    return "\n".join([
+        f"# Default weights: `{card['model_id']}`", "",
+        f"- **Source**: {card['source']}.",
+        f"- **Trained on**: {card['training_data']}.",
+        f"- **Conversion**: {card['notes']}",
+        f"- **Licence**: {card['extra']['licence']}.",
+        f"- **SHA-256 of the stored values**: `{card['weights_sha256']}`.",
+        f"- **fp16 storage**: median relative error of centred embeddings against the fp32 conversion "
+        f"{err['median']} on {err['cells']} cells of {err['set']}.",
+        "- **The weights they replace**: `microsnoop-ray-gpu-224-0eb2f79e` (MAE on 420k images), still "
+        "loadable with `--weights microsnoop_ray/weights/microsnoop-ray-gpu-224-0eb2f79e.pt`.", "",
+        "## Preprocessing contract", "",
+        *[f"- {k.replace('_', ' ')}: {v}" for k, v in pre.items()], "",
+        "## The study that chose them", "",
+        f"`python benchmarks/weights_study.py --table {card['extra']['weights_study']['result']}`", "",
+        study_tables, ""])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--per-class", type=int, default=100, help="mlcp cells per phase")
     ap.add_argument("--per-dose", type=int, default=120, help="bbbc021_chx cells per dose")
     ap.add_argument("--seeds", type=int, default=5, help="random-init seeds")
-    ap.add_argument("--shipped", default=None, help="the previously shipped weights (default: the package's)")
+    ap.add_argument("--shipped", default=None, help=f"the previously shipped weights (default: {OLD_DEFAULT.name})")
     ap.add_argument("--cache", type=Path, default=None, help="embedding cache (default: $MICROSNOOP_CACHE/weights_study)")
     ap.add_argument("--out", type=Path, default=None, help="JSON, rewritten after every candidate")
     ap.add_argument("--table", type=Path, default=None, help="print the tables of a study's JSON and stop")
+    ap.add_argument("--ship", choices=SCELLSEG_NETWORKS, default=None,
+                    help="with --table: write this candidate as the package's default weights")
     args = ap.parse_args()
     if args.table:
-        print(tables(json.loads(args.table.read_text())))
+        doc = json.loads(args.table.read_text())
+        print(tables(doc))
+        if args.ship:
+            print(json.dumps(ship(doc, args.ship, args.table), indent=1))
         return
     if args.cache is None:
         from microsnoop_ray.config import cache_dir

@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("images", type=Path, nargs="+", help="fields (TIFF/PNG/.npy); one 224 crop of each is used")
     rc.add_argument("--window", choices=("center", "busiest"), default="center",
                     help="which crop: the centre, or the window with the most structure")
-    rc.add_argument("--weights", type=Path, default=None, help="full-network weights (default: shipped)")
+    rc.add_argument("--weights", type=Path, default=None, help="full-network weights (default: the package's MAE network)")
     rc.add_argument("--out", type=Path, required=True, help="output PNG")
     rc.add_argument("--channel", type=int, default=0)
     rc.add_argument("--size", type=int, default=224)

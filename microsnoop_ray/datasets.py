@@ -23,17 +23,20 @@ from pathlib import Path, PurePosixPath
 from .config import cache_dir
 from .errors import InputError
 
-#: name -> (requirement, binary?, member prefix inside the archive)
+#: name -> (requirement, binary?, member prefix inside the archive, or one member's whole name)
 EXAMPLES = {
     "jump-field": ("deepprofiler==0.5.1", False, "deepprofiler-0.5.1/tests/data/cpg0000/"),
     "stardist-nuclei": ("stardist==0.9.2", True, "stardist/data/images/"),
     "scellseg-assets": ("scellseg==0.1.8", False, "scellseg-0.1.8/scellseg/assets/"),
+    "scellseg-licence": ("scellseg==0.1.8", False, "scellseg-0.1.8/LICENSE"),
     "cellprofiler-fly": ("cellprofiler==4.2.8.1", True, "cellprofiler/data/examples/ExampleFly/images/"),
 }
 
 
 def _safe_member(name: str, prefix: str) -> str | None:
     p = PurePosixPath(name)
+    if not prefix.endswith("/"):  # one member, named whole
+        return p.name if name == prefix else None
     if p.is_absolute() or ".." in p.parts or not name.startswith(prefix) or name.endswith("/"):
         return None
     return name[len(prefix):]

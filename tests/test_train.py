@@ -136,7 +136,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     assert result["history"][:done + 1] == history_before
 
 
-def test_shipped_default_weights_load_and_match_their_card():
+def test_default_weights_are_the_study_winner_with_card_and_licence():
+    """The default is the weights study's winner: encoder only, fp16 on disk, its card naming the source,
+    the preprocessing contract and the study; the upstream licence notice and the model card beside it."""
     from microsnoop_ray.model.load import default_weights_path, load_model, weights_hash
 
     path = default_weights_path()
@@ -145,6 +147,24 @@ def test_shipped_default_weights_load_and_match_their_card():
     card = model.model_card
     raw = torch.load(path, weights_only=True)
     assert weights_hash(raw["state_dict"]) == card.weights_sha256
+    assert all(k.startswith("encoder.") for k in raw["state_dict"])
+    assert {v.dtype for v in raw["state_dict"].values() if v.is_floating_point()} == {torch.float16}
+    assert not model.has_decoder
+    assert "scellseg 0.1.8" in card.source and card.input_size == 224
+    assert card.extra["weights_study"]["winner"] in card.model_id
+    assert {"input_size", "padding", "normalisation"} <= set(card.extra["preprocessing"])
+    notice = (path.parent / "microsnoop_default.LICENSE").read_text()
+    assert "Zhejiang University" in notice and "Howard Hughes Medical Institute" in notice
+    assert card.weights_sha256 in (path.parent / "MODEL_CARD.md").read_text()
+
+
+def test_mae_weights_stay_loadable_with_their_decoder():
+    from microsnoop_ray.model.load import load_model, mae_weights_path, weights_hash
+
+    model = load_model(mae_weights_path())
+    card = model.model_card
+    assert card.model_id == "microsnoop-ray-gpu-224-0eb2f79e"
+    assert weights_hash(torch.load(mae_weights_path(), weights_only=True)["state_dict"]) == card.weights_sha256
     assert card.images_seen and card.images_seen > 0 and card.extra["hardware"]
     assert model.has_decoder  # full network: it can reconstruct and be fine-tuned
 
@@ -164,14 +184,14 @@ def test_pool_reads_plates_and_cell_arrays(transfluor_plate, tmp_path):
     assert summary["crops"]["planes"] == 6  # 3 cells x 2 channels, each its own one-channel image
 
 
-def test_shipped_weights_reconstruct_held_out_cells_better_than_random_and_zero():
+def test_mae_weights_reconstruct_held_out_cells_better_than_random_and_zero():
     """Held-out real cells (BBBC021 crops, never in a pretraining pool), every channel."""
     from microsnoop_ray.model import MicrosnoopUNet
-    from microsnoop_ray.model.load import load_model
+    from microsnoop_ray.model.load import load_model, mae_weights_path
     from microsnoop_ray.train.reconstruct import center_target, reconstruct
     cells = np.load(shared("bbbc021_chx", "cells.npz"))["images"][::997][:5]  # spread over the plates
     targets = np.stack([center_target(plane) for cell in cells for plane in cell])
-    trained = reconstruct(load_model(), targets, seed=1)
+    trained = reconstruct(load_model(mae_weights_path()), targets, seed=1)
     torch.manual_seed(0)
     random = reconstruct(MicrosnoopUNet(), targets, seed=1)
     mse, zero = trained["mse_masked"].mean(), trained["mse_masked_zero"].mean()

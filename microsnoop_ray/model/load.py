@@ -88,9 +88,18 @@ def weights_hash(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 
 def default_weights_path() -> Path | None:
-    """Path of the default weights shipped in the package, or None if none are shipped."""
+    """Path of the default weights shipped in the package, or None if none are shipped.
+
+    They are the encoder chosen by the weights study (``weights/MODEL_CARD.md``): embedding only.
+    """
     p = _WEIGHTS_DIR / "microsnoop_default.pt"
     return p if p.exists() else None
+
+
+def mae_weights_path() -> Path:
+    """The package's MAE-pretrained full network (encoder and decoder), the default until the weights
+    study: what ``reconstruct`` uses unless given other weights, and a start for fine-tuning."""
+    return _WEIGHTS_DIR / "microsnoop-ray-gpu-224-0eb2f79e.pt"
 
 
 def _strip_prefix(sd: Mapping[str, Any]) -> dict:

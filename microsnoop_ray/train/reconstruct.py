@@ -87,14 +87,16 @@ def reconstruction_figure(targets: np.ndarray, result: dict, path: str | Path, t
 def reconstruct_files(images, out, weights=None, window: str = "center", channel: int = 0, size: int = 224,
                       mask_ratio: float = 0.25, seed: int = 0) -> dict:
     """Mask and reconstruct one ``size`` window (``center`` or ``busiest``) of one channel of each
-    field file; write the figure to ``out`` and return the masked-region MSEs (and two baselines)."""
+    field file; write the figure to ``out`` and return the masked-region MSEs (and two baselines).
+    ``weights`` default to the package's MAE network (the default embedding weights have no decoder)."""
     from ..errors import InputError
     from ..io.fields import read_field
-    from ..model.load import load_model
+    from ..model.load import load_model, mae_weights_path
 
+    weights = weights if weights is not None else mae_weights_path()
     model = load_model(weights)
     if not getattr(model, "has_decoder", True):
-        raise InputError(weights or "default weights", "encoder-only weights cannot reconstruct images")
+        raise InputError(weights, "encoder-only weights cannot reconstruct images")
     targets, titles = [], []
     for path in map(Path, images):
         image = read_field(path)
