@@ -7,14 +7,16 @@ STAMP := $(VENV)/.installed
 # A local wheel folder (the CPU torch build lies there on the project's machines).
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 SHARED ?= ../shared/data
+# The exact set the tests ran with (pyproject.toml states ranges); the CPU torch build comes through it.
+CONSTRAINTS := constraints.txt
 
 .PHONY: install test demo screen bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(FIND_LINKS) -e '.[dev,eval]'
-	$(PY) -c "import torch, ray, cellpose, zarr; print('installed torch', torch.__version__, 'ray', ray.__version__)"
+	$(PY) -m pip install --quiet $(FIND_LINKS) -c $(CONSTRAINTS) -e '.[dev,eval]'
+	$(PY) -c "from importlib.metadata import version as v; import torch, ray, cellpose, zarr, anndata; print('installed', *(f'{p} {v(p)}' for p in ('torch', 'ray', 'pandas', 'anndata')))"
 	touch $(STAMP)
 
 install: $(STAMP)

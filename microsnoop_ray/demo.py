@@ -56,14 +56,18 @@ def untrained_checkpoint(path: Path) -> Path:
     return path
 
 
-CONTRAST_CHANNELS = ("cyto", "nuclei")  # green and blue of the scellseg contrast images (Cellpose channels 2, 3)
+CONTRAST_CHANNELS = ("cyto", "nuclei")
+#: where the two stains lie in the scellseg contrast PNGs as OpenCV reads them (BGR order; the third
+#: plane is empty in every image)
+CONTRAST_PLANES = (1, 2)
 
 
 def build_contrast_plate(folder: Path, out: Path, per_set: int = 5) -> tuple[Path, Path]:
     """An NGFF 0.4 plate from the scellseg contrast images: one row per cell type, one image per well.
 
-    Rows A.. are the seven image sets (cell types / imaging styles), columns 1-5 their images;
-    the instance masks that ship with the images become the ``labels/cells`` of each field.
+    Only the image sets that carry both stains become rows (Kc167, macrophagocyte, neurocyte, style2):
+    the other three have no nuclei image, and an empty channel would give constant features. Columns
+    1-``per_set`` are a set's images; the instance masks that ship with them become ``labels/cells``.
     Returns (plate path, plate map CSV).
     """
     import cv2
@@ -71,13 +75,15 @@ def build_contrast_plate(folder: Path, out: Path, per_set: int = 5) -> tuple[Pat
     from .io.zarr_plate import write_plate
 
     fields, labels, rows = {}, {}, []
-    for r, set_dir in enumerate(sorted(p for p in folder.iterdir() if p.is_dir())):
-        for j, img_path in enumerate(sorted(set_dir.glob("*_img.png"))[:per_set]):
-            img = cv2.imread(str(img_path), cv2.IMREAD_UNCHANGED)  # (h, w, 3) BGR uint16
-            mask = cv2.imread(str(img_path).replace("_img.png", "_masks.png"), cv2.IMREAD_UNCHANGED)
-            well = f"{chr(ord('A') + r)}{j + 1:02d}"
-            fields[(well, 1)] = np.stack([img[..., 1], img[..., 0]])  # green (cytoplasm), blue (nuclei)
-            labels[(well, 1)] = mask
+    for set_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        images = [(p, cv2.imread(str(p), cv2.IMREAD_UNCHANGED)) for p in sorted(set_dir.glob("*_img.png"))[:per_set]]
+        if not all(img[..., plane].any() for _, img in images for plane in CONTRAST_PLANES):
+            continue
+        row = chr(ord("A") + len({r["Metadata_cell_type"] for r in rows}))
+        for j, (img_path, img) in enumerate(images):
+            well = f"{row}{j + 1:02d}"
+            fields[(well, 1)] = np.stack([img[..., p] for p in CONTRAST_PLANES])
+            labels[(well, 1)] = cv2.imread(str(img_path).replace("_img.png", "_masks.png"), cv2.IMREAD_UNCHANGED)
             rows.append({"Metadata_Well": well, "Metadata_cell_type": set_dir.name, "Metadata_Image": img_path.name})
     plate = write_plate(out / "scellseg-contrast.zarr", fields, CONTRAST_CHANNELS, version="0.4", labels=labels)
     pm = out / "platemap.csv"
@@ -95,16 +101,10 @@ def _weights_or_untrained(weights: Path | None, out: Path) -> Path | None:
     return weights
 
 
-def _ray(num_cpus: int | None):
-    import ray
-
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    return ray
-
-
 def demo_plate(out: Path, weights: Path | None, max_cells: int, num_cpus: int | None) -> dict:
     """The README's main job: a real plate from the package index through the whole pipeline."""
     from .datasets import fetch_package_files
+    from .pipeline.executors import ray_runtime
     from .pipeline.plate_job import ProfileConfig, run_profile
     from .report import write_report
 
@@ -112,18 +112,17 @@ def demo_plate(out: Path, weights: Path | None, max_cells: int, num_cpus: int | 
     print("1/3 fetching real fluorescence images with instance masks from the package index (scellseg 0.1.8 sdist)")
     folder = fetch_package_files("scellseg-assets") / "contrast_data"
     plate, platemap = build_contrast_plate(folder, out / "input")
-    print(f"    wrote the OME-Zarr plate {plate} (7 cell types x 5 fields, masks as NGFF labels)")
+    types = pd.read_csv(platemap)["Metadata_cell_type"]
+    print(f"    wrote the OME-Zarr plate {plate} ({types.nunique()} cell types x {len(types) // types.nunique()} "
+          "fields, cytoplasm and nuclei stains, masks as NGFF labels)")
     weights = _weights_or_untrained(weights, out)
     cfg = ProfileConfig.from_mapping({
         "inputs": [str(plate)], "out": str(out), "platemap": str(platemap), "batch": "scellseg-contrast",
         "weights": str(weights) if weights else None, "labels": "cells", "max_cells_per_site": max_cells,
         "sphering": {"scope": "none"}, "treatment_keys": ["Metadata_cell_type"]})
     print("2/3 profiling on an embedded Ray: read tasks -> crop actors -> encoder actors -> Parquet")
-    ray = _ray(num_cpus)
-    try:
+    with ray_runtime(num_cpus=num_cpus):
         summary = run_profile(cfg)
-    finally:
-        ray.shutdown()
     print("3/3 writing the report")
     rep = write_report(out, summary, color_by="Metadata_cell_type")
     summary["report"] = str(rep)
@@ -215,6 +214,7 @@ def heldout_separation(out: Path, model_id: str, regularization: str = "faithful
 def demo_bbbc021(out: Path, weights: Path | None, max_cells: int, num_cpus: int | None,
                  regularization: str = "faithful", epsilon: float | None = None) -> dict:
     """The BBBC021 mini-screen: 6 plates, DMSO in each, cycloheximide at 3 doses (pre-cropped cells)."""
+    from .pipeline.executors import ray_runtime
     from .pipeline.plate_job import ProfileConfig, run_profile
     from .report import write_report
 
@@ -235,11 +235,8 @@ def demo_bbbc021(out: Path, weights: Path | None, max_cells: int, num_cpus: int 
         "channel_names": ["DNA", "ch1", "ch2"], "max_cells_per_site": max_cells, "cells_chunk": 128,
         "sphering": {"scope": "plate", "fit_on": "sites", "regularization": regularization, "epsilon": epsilon},
         })
-    ray = _ray(num_cpus)
-    try:
+    with ray_runtime(num_cpus=num_cpus):
         summary = run_profile(cfg)
-    finally:
-        ray.shutdown()
     from .profiles.aggregate import feature_columns
 
     wells = {k: pd.concat([pd.read_parquet(out / o["path"]) for o in summary["outputs"] if o["level"] == level])

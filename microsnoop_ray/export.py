@@ -1,12 +1,10 @@
 """Exports of a profiling run for other tools: AnnData ``.h5ad`` and one single-cell Parquet per plate.
 
 ``h5ad``
-    Written with h5py in the AnnData on-disk format (``encoding-type`` attributes of
-    anndata 0.8 and later), so that ``anndata.read_h5ad`` opens it without this package:
-    only features in ``X`` (float32, n x d), every ``Metadata_`` column in ``obs`` under its
-    name without the prefix (numbers as numbers, text as categoricals), the feature names
-    as ``var`` index, and the run's provenance as a JSON string in ``uns["provenance"]``.
-    (anndata itself is not a dependency: on Python 3.11 its releases require pandas < 3.)
+    Written through anndata (the ``eval`` extra; without it ``h5ad`` is a clear error naming
+    the extra): only features in ``X`` (float32, n x d), every ``Metadata_`` column in ``obs``
+    under its name without the prefix (numbers as numbers, text as categoricals), the feature
+    names as ``var`` index, and the run's provenance as a JSON string in ``uns["provenance"]``.
 ``plate-parquet``
     One CytoTable-style single-cell table per plate (one row per cell, ``Metadata_`` columns
     then features), written from the per-site files one plate at a time.
@@ -102,63 +100,55 @@ def pca_reduce(df: pd.DataFrame, n: int, fit_on: str = "all") -> tuple[pd.DataFr
                  "explained_variance_ratio": [round(float(v), 6) for v in pca.explained_variance_ratio_]}
 
 
-def _string_array(group, name: str, values) -> None:
-    import h5py
-
-    ds = group.create_dataset(name, data=np.array([str(v) for v in values], dtype=object),
-                              dtype=h5py.string_dtype("utf-8"))
-    ds.attrs["encoding-type"], ds.attrs["encoding-version"] = "string-array", "0.2.0"
-
-
-def _dataframe(group, index, columns: dict) -> None:
-    """An AnnData dataframe group: ``_index`` string array, numeric arrays, text as categoricals."""
-    import h5py
-
-    group.attrs["encoding-type"], group.attrs["encoding-version"] = "dataframe", "0.2.0"
-    group.attrs["_index"] = "_index"
-    group.attrs.create("column-order", np.array(list(columns), dtype=object), dtype=h5py.string_dtype("utf-8"))
-    _string_array(group, "_index", index)
-    for name, col in columns.items():
-        s = pd.Series(col)
-        if pd.api.types.is_bool_dtype(s):
-            ds = group.create_dataset(name, data=s.to_numpy(bool))
-        elif pd.api.types.is_numeric_dtype(s):
-            ds = group.create_dataset(name, data=s.to_numpy(np.float64 if s.isna().any() else None))
-        else:
-            cat = pd.Categorical(s.where(s.isna(), s.astype(str)))
-            g = group.create_group(name)
-            g.attrs["encoding-type"], g.attrs["encoding-version"], g.attrs["ordered"] = "categorical", "0.2.0", False
-            _string_array(g, "categories", cat.categories)
-            codes = g.create_dataset("codes", data=cat.codes.astype(np.int32))
-            codes.attrs["encoding-type"], codes.attrs["encoding-version"] = "array", "0.2.0"
-            continue
-        ds.attrs["encoding-type"], ds.attrs["encoding-version"] = "array", "0.2.0"
+def require_anndata():
+    """The ``anndata`` module, or a clear error naming the extra that brings it."""
+    try:
+        import anndata
+    except ImportError:
+        raise InputError("--format h5ad", "needs anndata, which comes with the eval extra: "
+                                          "pip install 'microsnoop-ray[eval]'") from None
+    return anndata
 
 
-def write_h5ad(df: pd.DataFrame, path: str | Path, uns: dict) -> Path:
-    """Write profiles as AnnData: features in ``X``, ``Metadata_`` columns in ``obs`` (prefix dropped)."""
-    import h5py
+def to_anndata(df: pd.DataFrame, uns: dict):
+    """Profiles as an ``anndata.AnnData``.
 
+    Parameters
+    ----------
+    df : DataFrame, (n, m)
+        ``Metadata_`` columns and feature columns (``feature_columns``).
+    uns : dict
+        Stored in ``uns``; each value as a JSON string, because a run's provenance holds ``None`` and
+        mixed lists that the h5ad format cannot hold as they are.
+
+    Returns
+    -------
+    AnnData with ``X`` float32 (n, d) holding only the features, ``obs`` the metadata under their
+    names without the prefix (numbers as numbers, text as categoricals) and ``var`` the feature names.
+    """
+    anndata = require_anndata()
     feats = feature_columns(df)
     meta = [c for c in df.columns if c not in feats]
     names = {c: c.removeprefix("Metadata_") for c in meta}
     if len(set(names.values())) != len(names):
         names = {c: c for c in meta}  # prefix-less names would collide: keep them whole
+    obs = pd.DataFrame(index=pd.Index([str(i) for i in range(len(df))]))
+    for c in meta:
+        s = df[c].reset_index(drop=True)
+        if pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s):
+            obs[names[c]] = s.to_numpy()
+        else:
+            obs[names[c]] = pd.Categorical(s.where(s.isna(), s.astype(str)))
+    return anndata.AnnData(X=df[feats].to_numpy(np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(feats)),
+                           uns={k: json.dumps(v, default=str) for k, v in uns.items()})
+
+
+def write_h5ad(df: pd.DataFrame, path: str | Path, uns: dict) -> Path:
+    """Write profiles as an AnnData ``.h5ad`` (see :func:`to_anndata`), atomically; returns ``path``."""
+    adata = to_anndata(df, uns)
     path = Path(path)
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs["encoding-type"], f.attrs["encoding-version"] = "anndata", "0.1.0"
-        X = f.create_dataset("X", data=df[feats].to_numpy(np.float32), chunks=True, compression="gzip")
-        X.attrs["encoding-type"], X.attrs["encoding-version"] = "array", "0.2.0"
-        _dataframe(f.create_group("obs"), [str(i) for i in range(len(df))], {names[c]: df[c] for c in meta})
-        _dataframe(f.create_group("var"), feats, {})
-        u = f.create_group("uns")
-        u.attrs["encoding-type"], u.attrs["encoding-version"] = "dict", "0.1.0"
-        for key, value in uns.items():
-            ds = u.create_dataset(key, data=json.dumps(value, default=str), dtype=h5py.string_dtype("utf-8"))
-            ds.attrs["encoding-type"], ds.attrs["encoding-version"] = "string", "0.2.0"
-        for empty in ("obsm", "varm", "obsp", "varp", "layers"):
-            g = f.create_group(empty)
-            g.attrs["encoding-type"], g.attrs["encoding-version"] = "dict", "0.1.0"
+    with atomic_path(path, suffix=".h5ad") as tmp:
+        adata.write_h5ad(tmp, compression="gzip")
     return path
 
 

@@ -6,8 +6,10 @@ same, row for row. The in-process one serves ``fields``, notebooks and tests; th
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Iterable, Mapping
+import os
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -16,6 +18,36 @@ from .config import ProfileConfig
 from .stages import CropStage, EncodeStage, SiteCollector, concat_rows, read_row
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def ray_runtime(address: str | None = None, num_cpus: int | None = None, verbose: bool = False,
+                object_store_mb: int | None = None) -> Iterator[None]:
+    """Ray for one command: the running one, the cluster at ``address`` (or ``$RAY_ADDRESS``), or an
+    embedded local Ray started for the block and stopped after it.
+
+    Ray's own console output (its log records, and worker output unless ``verbose``) stays off the
+    terminal. A new local Ray turns token authentication on by default and says so on every run;
+    here the same mode is set explicitly (``RAY_AUTH_MODE=token``, only when the user has not chosen
+    one), which keeps the protection and drops the notice.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
+    if address:
+        ray.init(address=address, **quiet)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet,
+                 object_store_memory=object_store_mb * 2**20 if object_store_mb else None)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def run_in_process(items: Iterable[WorkItem], crop: CropStage, encode: EncodeStage, collector: SiteCollector,
