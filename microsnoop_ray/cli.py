@@ -53,6 +53,22 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_embed(sub) -> None:
+    e = sub.add_parser("embed", help="embed images up to 224x224 (cells, crops) into a Parquet table",
+                       description="Encoder flags as `profile` (and its --config file's encode section); "
+                                   "--compile defaults to on from 512 one-channel images.")
+    e.add_argument("input", type=Path, help=".npy, .npz (key 'images') of shape (N, C, H, W), or a folder of TIFFs")
+    e.add_argument("--out", type=Path, required=True, help="output .parquet")
+    e.add_argument("--config", type=Path, default=None, help="YAML/TOML with an encode section (as `profile`)")
+    e.add_argument("--metadata", type=Path, default=None, help="CSV/Parquet with one row per image (Metadata_ columns)")
+    e.add_argument("--masks", type=Path, default=None, help="(N, H, W) label images of the cells (.npy/.npz), for "
+                                                           "--features cellprofiler (default: the object nearest "
+                                                           "each crop's centre)")
+    add_arguments(e, ("encode",), top=("channel_names", "features"))
+    e.add_argument("-q", "--quiet", action="store_true")
+    e.set_defaults(func=_cmd_embed)
+
+
 def _cmd_fields(args: argparse.Namespace) -> int:
     from .pipeline.fields_job import run_fields
 
@@ -62,6 +78,23 @@ def _cmd_fields(args: argparse.Namespace) -> int:
     result = run_fields(cfg, masks=args.masks, centres=args.centres, png=args.png,
                         progress_print=(lambda *a: None) if args.quiet else print)
     return 3 if result["skipped"] else 0
+
+
+def _add_fields(sub) -> None:
+    f = sub.add_parser("fields", help="profile whole fields of view in this process (cell crops, tiles or rescaling)",
+                       description="The stages of `profile` without Ray, writing the same per-cell columns and "
+                                   "skipped table. Inputs: image files (TIFF (C, H, W), PNG/JPEG, .npy), or any "
+                                   "input of `profile`. Exit status: 0 all fields profiled, 3 some skipped "
+                                   "(skipped.csv), 2 error.")
+    f.add_argument("images", type=Path, nargs="*", help="one file per field (or 'inputs' in the config file)")
+    f.add_argument("--out", type=Path, default=None, help="output folder")
+    f.add_argument("--config", type=Path, default=None, help="YAML/TOML with any of these options (as `profile`)")
+    f.add_argument("--masks", type=Path, nargs="+", default=None, help="label images, one per field, same order")
+    f.add_argument("--centres", type=Path, default=None, help="CSV of object centres (CellProfiler columns)")
+    f.add_argument("--png", action="store_true", help="write qc/<field>.png with outlines and crop windows")
+    add_arguments(f, ("segmentation", "crop", "encode"), top=("channel_names", "batch", "cell_table", "features"))
+    f.add_argument("-q", "--quiet", action="store_true")
+    f.set_defaults(func=_cmd_fields)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -86,10 +119,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as exc:
         raise InputError(args.config or "command line", str(exc)) from None
     if args.ray:
-        import ray
-        if not ray.is_initialized():
-            ray.init(address=args.address, include_dashboard=False, log_to_driver=args.verbose)
-        result = train_with_ray(cfg)
+        from .pipeline.executors import ray_runtime
+
+        with ray_runtime(args.address, verbose=args.verbose):
+            result = train_with_ray(cfg)
     else:
         result = train_local(cfg)
     card = result.get("model_card") or {}
@@ -99,34 +132,73 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(sub) -> None:
+    t = sub.add_parser("train", help="masked-image pretraining (plain process or Ray Train)",
+                       description="Restarting with the same --name and --storage-path resumes from the last "
+                                   "per-epoch checkpoint.")
+    t.add_argument("--config", type=Path, default=None, help="YAML or TOML with the TrainConfig options")
+    t.add_argument("--name", default=None)
+    t.add_argument("--storage-path", dest="storage_path", type=Path, default=None)
+    t.add_argument("--init", default=None,
+                   help="start from these weights (fine-tuning); cellpose:PATH converts a Cellpose 3 or scellseg file")
+    t.add_argument("--lr", type=float, default=None, help="base learning rate (paper: 1e-3 at batch 16)")
+    t.add_argument("--lr-rule", dest="lr_rule", choices=("none", "linear", "sqrt"), default=None,
+                   help="scale --lr with the batch size relative to 16")
+    t.add_argument("--loss", choices=("all", "masked"), default=None, help="MSE over all pixels (paper) or masked")
+    t.add_argument("--skips", choices=("keep", "drop", "noise"), default=None,
+                   help="shallow skip connections while pretraining (inference is unchanged)")
+    t.add_argument("--mask-ratio", dest="mask_ratio", type=float, default=None)
+    t.add_argument("--patch-size", dest="patch_size", type=int, default=None)
+    t.add_argument("--amp-dtype", dest="amp_dtype", choices=("float16", "bfloat16"), default=None)
+    t.add_argument("--output", type=Path, default=None, help="where to write the final weights")
+    t.add_argument("--nepoch", type=int, default=None)
+    t.add_argument("--stop-epoch", dest="stop_epoch", type=int, default=None)
+    t.add_argument("--epoch-size", dest="epoch_size", type=int, default=None)
+    t.add_argument("--input-size", dest="input_size", type=int, default=None)
+    t.add_argument("--batch-size", dest="batch_size", type=int, default=None)
+    t.add_argument("--warmup", type=int, default=None, help="warm-up epochs (METHOD: 40 of 1,000)")
+    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--loader-workers", dest="loader_workers", type=int, default=None,
+                   help="processes that augment batches (0: in the training process)")
+    t.add_argument("--workers", type=int, default=None, help="Ray Train workers (with --ray)")
+    t.add_argument("--gpu", action="store_true", help="train on GPU(s)")
+    t.add_argument("--ray", action=argparse.BooleanOptionalAction, default=False,
+                   help="run as a Ray Train TorchTrainer (default: one plain process)")
+    t.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    t.set_defaults(func=_cmd_train)
+
+
 def _cmd_profile(args: argparse.Namespace) -> int:
-    import os
-
-    import ray
-
+    from .pipeline.executors import ray_runtime
     from .pipeline.plate_job import run_profile
 
     cfg, _ = _config(args)
-    started = False
-    if not ray.is_initialized():
-        address = args.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=args.verbose)
-        else:  # embedded local Ray, started and stopped by this command
-            ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=args.verbose,
-                     logging_level=logging.INFO if args.verbose else logging.ERROR,
-                     object_store_memory=args.object_store_mb * 2**20 if args.object_store_mb else None)
-            started = True
-    try:
+    with ray_runtime(args.address, args.num_cpus, args.verbose, args.object_store_mb):
         summary = run_profile(cfg, progress_print=(lambda *a: None) if args.quiet else print,
                               log_file=None if args.verbose else "default")
-    finally:
-        if started:
-            ray.shutdown()
     out = Path(summary["out"])
     if not args.quiet:
         print(f"profiles in {out} (summary.json, skipped.csv); {summary['skipped']} input(s) skipped")
     return 3 if summary["skipped"] else 0
+
+
+def _add_profile(sub) -> None:
+    pr = sub.add_parser("profile", help="profile plates end to end on Ray (cells -> sites -> wells -> treatments)",
+                        description="Inputs: OME-Zarr HCS plates (NGFF 0.4/0.5), image tables (.parquet/.csv, "
+                                    "load_data.csv columns) or cell arrays (.npz + cells.csv). Every option can "
+                                    "also be set in --config (nested sections segmentation, crop, encode, "
+                                    "sphering, run, or the flags' names). Rerunning the same command does only the "
+                                    "missing sites. Exit status: 0 everything profiled, 3 something skipped "
+                                    "(skipped.csv), 2 error.")
+    pr.add_argument("plates", type=Path, nargs="*", help="inputs (or 'inputs' in the config file)")
+    pr.add_argument("--out", type=Path, default=None, help="output root")
+    pr.add_argument("--config", type=Path, default=None, help="YAML/TOML with any of these options")
+    add_arguments(pr)
+    pr.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded Ray)")
+    pr.add_argument("--num-cpus", dest="num_cpus", type=int, default=None, help="embedded Ray: CPUs (default all)")
+    pr.add_argument("--object-store-mb", dest="object_store_mb", type=int, default=None)
+    pr.add_argument("-q", "--quiet", action="store_true")
+    pr.set_defaults(func=_cmd_profile)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -147,6 +219,19 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_convert(sub) -> None:
+    cv = sub.add_parser("convert", help="write an OME-Zarr plate from TIFFs + a file-name pattern, or load_data.csv")
+    cv.add_argument("folder", type=Path, nargs="?", default=None)
+    cv.add_argument("--pattern", default=None,
+                    help=r"regex with groups well (or row, column), site, channel, e.g. '(?P<well>[A-P]\d\d)f(?P<site>\d\d)d(?P<channel>\d)'")
+    cv.add_argument("--load-data", dest="load_data", type=Path, default=None, help="image table instead of a folder")
+    cv.add_argument("--plate", default=None, help="plate name (default: the folder name)")
+    cv.add_argument("--channel-names", dest="channel_names", default=None, help="token=name,... or names in order")
+    cv.add_argument("--ngff", choices=("0.4", "0.5"), default="0.4")
+    cv.add_argument("--out", type=Path, required=True, help="plate.zarr, or a folder for <plate>.zarr")
+    cv.set_defaults(func=_cmd_convert)
+
+
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
     import json
 
@@ -155,6 +240,20 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     print(json.dumps(reconstruct_files(args.images, args.out, args.weights, args.window, args.channel, args.size,
                                        args.mask_ratio, args.seed)))
     return 0
+
+
+def _add_reconstruct(sub) -> None:
+    rc = sub.add_parser("reconstruct", help="mask 25%% of 16x16 patches and reconstruct: PNG + masked-region MSE")
+    rc.add_argument("images", type=Path, nargs="+", help="fields (TIFF/PNG/.npy); one 224 crop of each is used")
+    rc.add_argument("--window", choices=("center", "busiest"), default="center",
+                    help="which crop: the centre, or the window with the most structure")
+    rc.add_argument("--weights", type=Path, default=None, help="full-network weights (default: the package's MAE network)")
+    rc.add_argument("--out", type=Path, required=True, help="output PNG")
+    rc.add_argument("--channel", type=int, default=0)
+    rc.add_argument("--size", type=int, default=224)
+    rc.add_argument("--mask-ratio", dest="mask_ratio", type=float, default=0.25)
+    rc.add_argument("--seed", type=int, default=0)
+    rc.set_defaults(func=_cmd_reconstruct)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -195,147 +294,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_suites(args: argparse.Namespace) -> int:
-    from .evaluate.suites import run_suites
-
-    log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    try:
-        md = run_suites(args.suite, args.data, args.out, args.methods.split(","), args.weights, log=log,
-                        per_class=args.per_class, per_well=args.per_well, seed=args.seed, null_size=args.null_size,
-                        show=print)
-    except ValueError as exc:
-        raise MicrosnoopError(str(exc)) from None
-    print(f"results in {args.out}; report {md}")
-    return 0
-
-
-def _cmd_report(args: argparse.Namespace) -> int:
-    from .evaluate.report import collect_results, write_report
-
-    if not collect_results(args.results):
-        raise InputError(args.results, "no suite results (<suite>/result.json) here: run "
-                                       "`microsnoop-ray evaluate suite all --out <folder>` first")
-    md, page = write_report(args.results, args.out)
-    print(f"wrote {md} and {page}")
-    return 0
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import export
-
-    for f in export(args.out, args.format, args.to, args.level, args.pca, args.pca_fit):
-        print(f)
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="microsnoop-ray", description=__doc__.splitlines()[0])
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    e = sub.add_parser("embed", help="embed images up to 224x224 (cells, crops) into a Parquet table",
-                       description="Encoder flags as `profile` (and its --config file's encode section); "
-                                   "--compile defaults to on from 512 one-channel images.")
-    e.add_argument("input", type=Path, help=".npy, .npz (key 'images') of shape (N, C, H, W), or a folder of TIFFs")
-    e.add_argument("--out", type=Path, required=True, help="output .parquet")
-    e.add_argument("--config", type=Path, default=None, help="YAML/TOML with an encode section (as `profile`)")
-    e.add_argument("--metadata", type=Path, default=None, help="CSV/Parquet with one row per image (Metadata_ columns)")
-    e.add_argument("--masks", type=Path, default=None, help="(N, H, W) label images of the cells (.npy/.npz), for "
-                                                           "--features cellprofiler (default: the object nearest "
-                                                           "each crop's centre)")
-    add_arguments(e, ("encode",), top=("channel_names", "features"))
-    e.add_argument("-q", "--quiet", action="store_true")
-    e.set_defaults(func=_cmd_embed)
-
-    f = sub.add_parser("fields", help="profile whole fields of view in this process (cell crops, tiles or rescaling)",
-                       description="The stages of `profile` without Ray, writing the same per-cell columns and "
-                                   "skipped table. Inputs: image files (TIFF (C, H, W), PNG/JPEG, .npy), or any "
-                                   "input of `profile`. Exit status: 0 all fields profiled, 3 some skipped "
-                                   "(skipped.csv), 2 error.")
-    f.add_argument("images", type=Path, nargs="*", help="one file per field (or 'inputs' in the config file)")
-    f.add_argument("--out", type=Path, default=None, help="output folder")
-    f.add_argument("--config", type=Path, default=None, help="YAML/TOML with any of these options (as `profile`)")
-    f.add_argument("--masks", type=Path, nargs="+", default=None, help="label images, one per field, same order")
-    f.add_argument("--centres", type=Path, default=None, help="CSV of object centres (CellProfiler columns)")
-    f.add_argument("--png", action="store_true", help="write qc/<field>.png with outlines and crop windows")
-    add_arguments(f, ("segmentation", "crop", "encode"), top=("channel_names", "batch", "cell_table", "features"))
-    f.add_argument("-q", "--quiet", action="store_true")
-    f.set_defaults(func=_cmd_fields)
-
-    t = sub.add_parser("train", help="masked-image pretraining (plain process or Ray Train)",
-                       description="Restarting with the same --name and --storage-path resumes from the last "
-                                   "per-epoch checkpoint.")
-    t.add_argument("--config", type=Path, default=None, help="YAML or TOML with the TrainConfig options")
-    t.add_argument("--name", default=None)
-    t.add_argument("--storage-path", dest="storage_path", type=Path, default=None)
-    t.add_argument("--init", default=None,
-                   help="start from these weights (fine-tuning); cellpose:PATH converts a Cellpose 3 or scellseg file")
-    t.add_argument("--lr", type=float, default=None, help="base learning rate (paper: 1e-3 at batch 16)")
-    t.add_argument("--lr-rule", dest="lr_rule", choices=("none", "linear", "sqrt"), default=None,
-                   help="scale --lr with the batch size relative to 16")
-    t.add_argument("--loss", choices=("all", "masked"), default=None, help="MSE over all pixels (paper) or masked")
-    t.add_argument("--skips", choices=("keep", "drop", "noise"), default=None,
-                   help="shallow skip connections while pretraining (inference is unchanged)")
-    t.add_argument("--mask-ratio", dest="mask_ratio", type=float, default=None)
-    t.add_argument("--patch-size", dest="patch_size", type=int, default=None)
-    t.add_argument("--amp-dtype", dest="amp_dtype", choices=("float16", "bfloat16"), default=None)
-    t.add_argument("--output", type=Path, default=None, help="where to write the final weights")
-    t.add_argument("--nepoch", type=int, default=None)
-    t.add_argument("--stop-epoch", dest="stop_epoch", type=int, default=None)
-    t.add_argument("--epoch-size", dest="epoch_size", type=int, default=None)
-    t.add_argument("--input-size", dest="input_size", type=int, default=None)
-    t.add_argument("--batch-size", dest="batch_size", type=int, default=None)
-    t.add_argument("--warmup", type=int, default=None, help="warm-up epochs (METHOD: 40 of 1,000)")
-    t.add_argument("--threads", type=int, default=None)
-    t.add_argument("--loader-workers", dest="loader_workers", type=int, default=None,
-                   help="processes that augment batches (0: in the training process)")
-    t.add_argument("--workers", type=int, default=None, help="Ray Train workers (with --ray)")
-    t.add_argument("--gpu", action="store_true", help="train on GPU(s)")
-    t.add_argument("--ray", action=argparse.BooleanOptionalAction, default=False,
-                   help="run as a Ray Train TorchTrainer (default: one plain process)")
-    t.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
-    t.set_defaults(func=_cmd_train)
-
-    pr = sub.add_parser("profile", help="profile plates end to end on Ray (cells -> sites -> wells -> treatments)",
-                        description="Inputs: OME-Zarr HCS plates (NGFF 0.4/0.5), image tables (.parquet/.csv, "
-                                    "load_data.csv columns) or cell arrays (.npz + cells.csv). Every option can "
-                                    "also be set in --config (nested sections segmentation, crop, encode, "
-                                    "sphering, run, or the flags' names). Rerunning the same command does only the "
-                                    "missing sites. Exit status: 0 everything profiled, 3 something skipped "
-                                    "(skipped.csv), 2 error.")
-    pr.add_argument("plates", type=Path, nargs="*", help="inputs (or 'inputs' in the config file)")
-    pr.add_argument("--out", type=Path, default=None, help="output root")
-    pr.add_argument("--config", type=Path, default=None, help="YAML/TOML with any of these options")
-    add_arguments(pr)
-    pr.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded Ray)")
-    pr.add_argument("--num-cpus", dest="num_cpus", type=int, default=None, help="embedded Ray: CPUs (default all)")
-    pr.add_argument("--object-store-mb", dest="object_store_mb", type=int, default=None)
-    pr.add_argument("-q", "--quiet", action="store_true")
-    pr.set_defaults(func=_cmd_profile)
-
-    cv = sub.add_parser("convert", help="write an OME-Zarr plate from TIFFs + a file-name pattern, or load_data.csv")
-    cv.add_argument("folder", type=Path, nargs="?", default=None)
-    cv.add_argument("--pattern", default=None,
-                    help=r"regex with groups well (or row, column), site, channel, e.g. '(?P<well>[A-P]\d\d)f(?P<site>\d\d)d(?P<channel>\d)'")
-    cv.add_argument("--load-data", dest="load_data", type=Path, default=None, help="image table instead of a folder")
-    cv.add_argument("--plate", default=None, help="plate name (default: the folder name)")
-    cv.add_argument("--channel-names", dest="channel_names", default=None, help="token=name,... or names in order")
-    cv.add_argument("--ngff", choices=("0.4", "0.5"), default="0.4")
-    cv.add_argument("--out", type=Path, required=True, help="plate.zarr, or a folder for <plate>.zarr")
-    cv.set_defaults(func=_cmd_convert)
-
-    rc = sub.add_parser("reconstruct", help="mask 25%% of 16x16 patches and reconstruct: PNG + masked-region MSE")
-    rc.add_argument("images", type=Path, nargs="+", help="fields (TIFF/PNG/.npy); one 224 crop of each is used")
-    rc.add_argument("--window", choices=("center", "busiest"), default="center",
-                    help="which crop: the centre, or the window with the most structure")
-    rc.add_argument("--weights", type=Path, default=None, help="full-network weights (default: the package's MAE network)")
-    rc.add_argument("--out", type=Path, required=True, help="output PNG")
-    rc.add_argument("--channel", type=int, default=0)
-    rc.add_argument("--size", type=int, default=224)
-    rc.add_argument("--mask-ratio", dest="mask_ratio", type=float, default=0.25)
-    rc.add_argument("--seed", type=int, default=0)
-    rc.set_defaults(func=_cmd_reconstruct)
-
+def _add_evaluate(sub) -> None:
     ev = sub.add_parser("evaluate", help="evaluate profiles (kNN, MLP, NSC/NSCB, copairs mAP, silhouette) or run "
                                          "benchmark suites with baselines")
     evs = ev.add_subparsers(dest="metric", required=True)
@@ -345,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--png", type=Path, default=None, help="write a 2-D map of the profiles coloured by label")
     common.add_argument("--picture", choices=["umap", "pca"], default="umap")
     common.add_argument("--seed", type=int, default=0)
-    for name, helptext in (("knn", "leave-one-out kNN accuracy (METHOD.md vote rule)"),
+    for name, helptext in (("knn", "leave-one-out kNN accuracy (docs/METHOD.md vote rule)"),
                            ("mlp", "MLPClassifier(max_iter=1000), stratified k-fold accuracy"),
                            ("silhouette", "silhouette score of the label groups")):
         q = evs.add_parser(name, parents=[common], help=helptext)
@@ -388,11 +347,48 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=_cmd_evaluate)
 
+
+def _evaluate_suites(args: argparse.Namespace) -> int:
+    from .evaluate.commands import run_suites
+
+    log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    try:
+        md = run_suites(args.suite, args.data, args.out, args.methods.split(","), args.weights, log=log,
+                        per_class=args.per_class, per_well=args.per_well, seed=args.seed, null_size=args.null_size,
+                        show=print)
+    except ValueError as exc:
+        raise MicrosnoopError(str(exc)) from None
+    print(f"results in {args.out}; report {md}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .evaluate.report import collect_results, write_report
+
+    if not collect_results(args.results):
+        raise InputError(args.results, "no suite results (<suite>/result.json) here: run "
+                                       "`microsnoop-ray evaluate suite all --out <folder>` first")
+    md, page = write_report(args.results, args.out)
+    print(f"wrote {md} and {page}")
+    return 0
+
+
+def _add_report(sub) -> None:
     rp = sub.add_parser("report", help="one Markdown/HTML page with the last result of every evaluation suite")
     rp.add_argument("--results", type=Path, default=Path("evaluation"))
     rp.add_argument("--out", type=Path, default=None, help="default: the results folder")
     rp.set_defaults(func=_cmd_report)
 
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    for f in export(args.out, args.format, args.to, args.level, args.pca, args.pca_fit):
+        print(f)
+    return 0
+
+
+def _add_export(sub) -> None:
     ex = sub.add_parser("export", help="export a profiling run as AnnData .h5ad or one single-cell Parquet per plate")
     ex.add_argument("out", type=Path, help="the output folder of `microsnoop-ray profile`")
     ex.add_argument("--format", required=True, choices=("h5ad", "plate-parquet"))
@@ -402,6 +398,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fit the PCA on every row or on the negative controls")
     ex.add_argument("--to", type=Path, default=None, help="where to write (default: OUT/export)")
     ex.set_defaults(func=_cmd_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="microsnoop-ray", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_embed, _add_fields, _add_train, _add_profile, _add_convert, _add_reconstruct, _add_evaluate,
+                _add_report, _add_export):
+        add(sub)
     return p
 
 

@@ -1,6 +1,6 @@
 """Cell-region crops, tiles and rescaling of whole fields (pure NumPy).
 
-Follows ``METHOD.md`` section 4. All functions take channel-first images
+Follows ``docs/METHOD.md`` section 4. All functions take channel-first images
 ``(C, H, W)`` and return crops ``(M, C, size, size)`` ready for
 :func:`microsnoop_ray.embed`.
 
@@ -29,7 +29,7 @@ from .preprocess import pad_center
 BORDER_MODES = ("drop", "faithful", "keep")
 #: Side of the encoder's input, to which every crop is padded (the model card's ``input_size``).
 CROP_SIZE = 224
-#: Rc of the cell-region window (METHOD.md section 4): 2.5 by default, 2 for BBBC021, 1 for LIVECell.
+#: Rc of the cell-region window (docs/METHOD.md section 4): 2.5 by default, 2 for BBBC021, 1 for LIVECell.
 RESCALE_CONSTANT = 2.5
 #: Overlap of neighbouring tiles in tile mode, as a fraction of the tile.
 TILE_OVERLAP = 0.1
@@ -73,7 +73,7 @@ def object_bboxes(labels: np.ndarray) -> pd.DataFrame:
 
 def crop_windows(bboxes: pd.DataFrame, shape: tuple[int, int], rescale_constant: float = RESCALE_CONSTANT,
                  size: int = CROP_SIZE) -> pd.DataFrame:
-    """The cell-region window of every object (``METHOD.md`` section 4, step 2).
+    """The cell-region window of every object (``docs/METHOD.md`` section 4, step 2).
 
     ``L = max(r1 - r0, c1 - c0)``, centre ``rc = r0 + (r1 - r0) // 2`` (same for
     columns), half-size ``h = min(L * Rc, size // 2)``, window rows

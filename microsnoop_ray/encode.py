@@ -285,7 +285,7 @@ def profile_field(image: np.ndarray, encoder: Encoder, mode: str = "cells", labe
     image : ndarray (C, H, W), any numeric dtype
     encoder : Encoder
     mode : {"cells", "tiles", "rescale"}
-        ``cells``: METHOD.md cell-region crops around each object of ``labels``
+        ``cells``: docs/METHOD.md cell-region crops around each object of ``labels``
         (or ``bboxes``), the field profile is the mean of the cell profiles.
         ``tiles``: overlapping 224 tiles, mean of the tile profiles.
         ``rescale``: pad to a square, resize to 224, embed once.

@@ -1,6 +1,6 @@
 """Padding and percentile normalisation, shared by inference and pretraining.
 
-Faithful to the published pipeline (``METHOD.md`` section 3): every one-channel
+Faithful to the published pipeline (``docs/METHOD.md`` section 3): every one-channel
 image is zero-padded centred to 224 x 224 and *then* normalised with its own
 1st and 99th percentiles, computed over the whole padded array with linear
 interpolation, without clipping.

@@ -18,10 +18,16 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def shared(*parts: str) -> Path:
+    """A path under the shared real data; a test that asks for a missing one is skipped, saying which."""
     p = SHARED.joinpath(*parts)
     if not p.exists():
-        pytest.fail(f"real test data missing: {p} (the tests need ../shared/data beside the checkout)")
+        pytest.skip(f"needs the real data {p} (../shared/data beside the checkout, or MICROSNOOP_SHARED_DATA)")
     return p
+
+
+def transfluor_images() -> Path:
+    """The real Transfluor row of CellProfiler's illumination-correction example (one GFP channel)."""
+    return shared("pretrain", "cellprofiler_examples", "ExampleIlluminationCorrection", "images")
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +97,6 @@ def untrained_weights(tmp_path_factory):
     return untrained_checkpoint(tmp_path_factory.mktemp("weights") / "untrained.pt")
 
 
-TRANSFLUOR = shared("pretrain", "cellprofiler_examples", "ExampleIlluminationCorrection", "images")
 TRANSFLUOR_PATTERN = r"AS_\d+_\d+_(?P<well>[A-P]\d{2})f(?P<site>\d{2})d(?P<channel>\d)\.TIF"
 
 
@@ -103,7 +108,7 @@ def transfluor_plate(tmp_path_factory):
     from microsnoop_ray.io.convert import convert_folder
 
     src = tmp_path_factory.mktemp("transfluor-src")
-    for f in TRANSFLUOR.glob("AS_*_O0[1-8]f*d2.TIF"):
+    for f in transfluor_images().glob("AS_*_O0[1-8]f*d2.TIF"):
         shutil.copy(f, src / f.name)
     root = tmp_path_factory.mktemp("plates")
     plate = convert_folder(src, TRANSFLUOR_PATTERN, root / "Transfluor.zarr", channel_names={"2": "GFP"},
@@ -115,3 +120,24 @@ def transfluor_plate(tmp_path_factory):
                        "Concentration": [0.0] * 3 + [1.0, 1.0, 2.0, 2.0, 2.0]})
     pm.to_csv(root / "platemap.csv", index=False)
     return plate, root / "platemap.csv"
+
+
+# What each test needs, as markers (`-m "not slow"`, `-m "not network"`, ...): `cluster` for the
+# multi-node cluster, `network` for files fetched from the package index, `data` for ../shared/data.
+# `slow` is set by hand on the tests that take more than about 20 s here.
+_DATA_FIXTURES = {"mlcp_cells", "transfluor_plate", "profiled"}
+_NETWORK_FIXTURES = {"registry_example", "stardist_nuclei"}
+
+
+def pytest_collection_modifyitems(config, items):
+    import inspect
+
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if "cluster" in fixtures:
+            item.add_marker(pytest.mark.cluster)
+        if fixtures & _NETWORK_FIXTURES:
+            item.add_marker(pytest.mark.network)
+        source = inspect.getsource(item.function) if hasattr(item, "function") else ""
+        if fixtures & _DATA_FIXTURES or any(s in source for s in ("shared(", "transfluor_images(", "SHARED")):
+            item.add_marker(pytest.mark.data)

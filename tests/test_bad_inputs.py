@@ -8,7 +8,7 @@ import pytest
 import tifffile
 import torch
 
-from conftest import TRANSFLUOR
+from conftest import transfluor_images
 from microsnoop_ray.cli import main
 from microsnoop_ray.errors import InputError
 from microsnoop_ray.io.zarr_plate import open_plate, write_plate
@@ -17,7 +17,7 @@ from microsnoop_ray.pipeline.layout import Layout
 
 
 def _real():
-    return tifffile.imread(TRANSFLUOR / "AS_09047_050428030001_O01f00d2.TIF")
+    return tifffile.imread(transfluor_images() / "AS_09047_050428030001_O01f00d2.TIF")
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +35,9 @@ def bad_run(ray_session, untrained_weights, tmp_path_factory):
     zarr.open_group(str(plate / "A" / "3" / "0"), mode="r+", zarr_format=2).create_array(
         "0", data=real[None], chunks=(1,) + real.shape, overwrite=True)  # this field lost a channel
     # a second plate from a load_data table that lists one site twice
-    files = sorted(TRANSFLUOR.glob("AS_*_O0[12]f00d2.TIF"))
+    files = sorted(transfluor_images().glob("AS_*_O0[12]f00d2.TIF"))
     ld = pd.DataFrame({"Metadata_Plate": "TF", "Metadata_Well": ["O01", "O02"], "Metadata_Site": 1,
-                       "FileName_GFP": [f.name for f in files], "PathName_GFP": str(TRANSFLUOR)})
+                       "FileName_GFP": [f.name for f in files], "PathName_GFP": str(transfluor_images())})
     pd.concat([ld, ld.iloc[[1]]]).to_csv(tmp / "load_data.csv", index=False)
     # a plate map without negative controls, missing A05 and naming A07, which the plate lacks
     pd.DataFrame({"Metadata_Plate": "Mixed", "well_position": ["A01", "A02", "A03", "A04", "A07"],

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import TRANSFLUOR
+from conftest import transfluor_images
 from microsnoop_ray.errors import InputError
 from microsnoop_ray.io.illum import (IllumAccumulator, correct, flatness, illum_function, illum_paths, load_functions,
                                      save_functions)
@@ -13,7 +13,7 @@ from microsnoop_ray.io.illum import (IllumAccumulator, correct, flatness, illum_
 
 @pytest.fixture(scope="module")
 def transfluor_fields():
-    files = sorted(TRANSFLUOR.glob("AS_*_O*f*d2.TIF"))
+    files = sorted(transfluor_images().glob("AS_*_O*f*d2.TIF"))
     assert len(files) == 72  # 24 wells x 3 fields
     wells = [int(re.search(r"_O(\d\d)f", f.name).group(1)) for f in files]
     return np.stack([tifffile.imread(f).astype(np.float32) for f in files]), np.array(wells)

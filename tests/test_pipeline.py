@@ -188,10 +188,10 @@ def test_profile_command_with_a_config_file_reruns_to_the_same_output(profiled, 
 def test_bad_fields_are_skipped_with_reasons_and_the_rest_goes_on(ray_session, untrained_weights, tmp_path):
     import tifffile
 
-    from conftest import TRANSFLUOR
+    from conftest import transfluor_images
     from microsnoop_ray.io.zarr_plate import write_plate
 
-    real = tifffile.imread(TRANSFLUOR / "AS_09047_050428030001_O01f00d2.TIF")[None]
+    real = tifffile.imread(transfluor_images() / "AS_09047_050428030001_O01f00d2.TIF")[None]
     nan = real.astype(np.float32)
     nan[0, 10:20, 10:20] = np.nan
     fields = {("A01", 1): real, ("A02", 1): nan, ("A03", 1): np.zeros_like(real), ("A04", 1): real.copy(),
@@ -212,12 +212,12 @@ def test_bad_fields_are_skipped_with_reasons_and_the_rest_goes_on(ray_session, u
 
 
 def test_load_data_csv_image_table_through_the_pipeline(ray_session, untrained_weights, tmp_path):
-    from conftest import TRANSFLUOR
+    from conftest import transfluor_images
 
-    files = sorted(TRANSFLUOR.glob("AS_*_O0[12]f0[01]d2.TIF"))
+    files = sorted(transfluor_images().glob("AS_*_O0[12]f0[01]d2.TIF"))
     ld = pd.DataFrame({"Metadata_Plate": "TF", "Metadata_Well": [f.name.split("_")[-1][:3] for f in files],
                        "Metadata_Site": [int(f.name.split("f")[-1][:2]) + 1 for f in files],
-                       "FileName_GFP": [f.name for f in files], "PathName_GFP": str(TRANSFLUOR)})
+                       "FileName_GFP": [f.name for f in files], "PathName_GFP": str(transfluor_images())})
     ld.to_parquet(tmp_path / "load_data.parquet")
     cfg = ProfileConfig.from_mapping({"inputs": [str(tmp_path / "load_data.parquet")], "out": str(tmp_path / "out"),
                                       "segmenter": "classical", "weights": str(untrained_weights),
@@ -289,9 +289,10 @@ def test_pycytominer_and_copairs_run_on_the_outputs_with_the_documented_calls(pr
 
 
 def test_export_h5ad_and_plate_parquet(profiled, tmp_path):
-    """h5ad in AnnData's on-disk format (features only in X, metadata in obs, provenance in uns) and one
-    single-cell Parquet per plate; --pca records how it was fitted."""
-    import h5py
+    """h5ad written through anndata and read back by it (features only in X, metadata in obs with text as
+    categoricals and numbers as numbers, provenance in uns), and one single-cell Parquet per plate;
+    --pca records how it was fitted."""
+    import anndata
 
     from microsnoop_ray.cli import main
 
@@ -299,30 +300,28 @@ def test_export_h5ad_and_plate_parquet(profiled, tmp_path):
     cells = pd.concat([pd.read_parquet(f) for f in sorted(out.glob("embeddings/*/*/*/*/embeddings.parquet"))],
                       ignore_index=True)
     assert main(["export", str(out), "--format", "h5ad", "--to", str(tmp_path)]) == 0
-    with h5py.File(tmp_path / "cells.h5ad") as f:
-        assert f.attrs["encoding-type"] == "anndata"
-        X = f["X"][:]
-        assert X.dtype == np.float32 and X.shape == (len(cells), 256)
-        np.testing.assert_array_equal(X, cells[[c for c in cells if c.startswith("Microsnoop_")]].to_numpy())
-        obs = f["obs"]
-        assert obs.attrs["encoding-type"] == "dataframe"
-        cols = list(obs.attrs["column-order"])
-        assert {"Plate", "Well", "Site", "Model", "pert_type", "Compound", "ObjectNumber"} <= set(cols)
-        assert obs["Site"].attrs["encoding-type"] == "array"  # numbers stay numbers
-        wells = obs["Well"]["categories"].asstr()[:][obs["Well"]["codes"][:]]
-        assert list(wells) == list(cells["Metadata_Well"])
-        assert [v.decode() for v in f["var"]["_index"][:]][:2] == ["Microsnoop_GFP_000", "Microsnoop_GFP_001"]
-        prov = json.loads(f["uns"]["provenance"][()])
-        assert prov["model_card"]["model_id"] == summary["model_id"] and "segmenter_used" in prov
+    adata = anndata.read_h5ad(tmp_path / "cells.h5ad")
+    assert adata.X.dtype == np.float32 and adata.shape == (len(cells), 256)
+    np.testing.assert_array_equal(adata.X, cells[[c for c in cells if c.startswith("Microsnoop_")]].to_numpy())
+    obs = adata.obs
+    assert {"Plate", "Well", "Site", "Model", "pert_type", "Compound", "ObjectNumber"} <= set(obs.columns)
+    assert isinstance(obs["Well"].dtype, pd.CategoricalDtype) and isinstance(obs["Compound"].dtype,
+                                                                             pd.CategoricalDtype)
+    assert pd.api.types.is_integer_dtype(obs["Site"]) and pd.api.types.is_integer_dtype(obs["ObjectNumber"])
+    assert list(obs["Well"].astype(str)) == list(cells["Metadata_Well"])
+    np.testing.assert_array_equal(obs["ObjectNumber"].to_numpy(), cells["Metadata_ObjectNumber"].to_numpy())
+    assert list(adata.var_names[:2]) == ["Microsnoop_GFP_000", "Microsnoop_GFP_001"]
+    prov = json.loads(adata.uns["provenance"])
+    assert prov["model_card"]["model_id"] == summary["model_id"] and "segmenter_used" in prov
     assert main(["export", str(out), "--format", "plate-parquet", "--to", str(tmp_path)]) == 0
     plate = pd.read_parquet(tmp_path / "Transfluor.parquet")
     assert len(plate) == len(cells) and plate["Metadata_Plate"].eq("Transfluor").all()
     assert main(["export", str(out), "--format", "h5ad", "--level", "wells", "--pca", "2", "--pca-fit", "controls",
                  "--to", str(tmp_path)]) == 0
-    with h5py.File(tmp_path / "wells_pca2.h5ad") as f:
-        assert f["X"].shape[1] == 2
-        pca = json.loads(f["uns"]["pca"][()])
-        assert pca["fit_on"] == "controls" and pca["fit_rows"] == 3
+    wells = anndata.read_h5ad(tmp_path / "wells_pca2.h5ad")
+    assert wells.shape[1] == 2 and list(wells.var_names) == ["PC_001", "PC_002"]
+    pca = json.loads(wells.uns["pca"])
+    assert pca["fit_on"] == "controls" and pca["fit_rows"] == 3
     assert main(["export", str(out), "--format", "h5ad", "--level", "wells", "--pca", "50", "--pca-fit",
                  "controls", "--to", str(tmp_path)]) == 2  # 3 control wells cannot give 50 components
 
@@ -371,14 +370,14 @@ def test_illumination_compute_then_folder(ray_session, transfluor_plate, untrain
 
 def test_fields_and_profile_give_the_same_cells_for_the_same_field(profiled, untrained_weights, tmp_path):
     """`fields` runs the same stages in-process: the cells of a plate's field are those `profile` wrote."""
-    from conftest import TRANSFLUOR
+    from conftest import transfluor_images
     from microsnoop_ray.pipeline.fields_job import run_fields
 
     cfg, summary, out = profiled
     site_file = sorted(out.glob("embeddings/*/2026_demo/Transfluor/*/embeddings.parquet"))[0]
     profile_cells = pd.read_parquet(site_file)
     well, site = profile_cells["Metadata_Well"].iloc[0], int(profile_cells["Metadata_Site"].iloc[0])
-    tif = next(TRANSFLUOR.glob(f"AS_*_{well}f{site - 1:02d}d2.TIF"))
+    tif = next(transfluor_images().glob(f"AS_*_{well}f{site - 1:02d}d2.TIF"))
     fcfg = ProfileConfig.from_mapping({"inputs": [str(tif)], "out": str(tmp_path / "fields"),
                                        "channel_names": ["GFP"], "segmentation": {"segmenter": "classical"},
                                        "encode": {"weights": str(untrained_weights), "batch_size": 16}})
@@ -401,7 +400,7 @@ def test_fields_and_profile_give_the_same_cells_for_the_same_field(profiled, unt
 def test_profile_writes_cellprofiler_measurements_beside_the_embeddings(profiled, untrained_weights, tmp_path):
     """`--features microsnoop,cellprofiler`: the same embeddings, CellProfiler columns measured on each cell's
     own object (equal to `fields` on the same field), through aggregation, sphering and treatments."""
-    from conftest import TRANSFLUOR
+    from conftest import transfluor_images
     from microsnoop_ray.pipeline.fields_job import run_fields
 
     cfg, _, plain_out = profiled
@@ -416,7 +415,7 @@ def test_profile_writes_cellprofiler_measurements_beside_the_embeddings(profiled
     assert "Cells_Intensity_MeanIntensity_GFP" in cp_cols and "Cells_AreaShape_Area" in cp_cols
     assert (cells["Cells_AreaShape_Area"] == cells["Metadata_Object_Area"]).all()
     well, s = cells["Metadata_Well"].iloc[0], int(cells["Metadata_Site"].iloc[0])
-    tif = next(TRANSFLUOR.glob(f"AS_*_{well}f{s - 1:02d}d2.TIF"))
+    tif = next(transfluor_images().glob(f"AS_*_{well}f{s - 1:02d}d2.TIF"))
     fcfg = ProfileConfig.from_mapping({"inputs": [str(tif)], "out": str(tmp_path / "fields"), "channel_names": ["GFP"],
                                        "features": "microsnoop,cellprofiler", "segmentation": {"segmenter": "classical"},
                                        "encode": {"weights": str(untrained_weights), "batch_size": 16}})

@@ -1,21 +1,25 @@
 """The pipeline's stages and collector in-process, without Ray: compact crops in, embeddings equal to
 embed(); sites complete, rows delivered twice counted once, SKIP and DROP rows accounted for."""
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TRANSFLUOR, shared
+from conftest import shared, transfluor_images
 from microsnoop_ray.encode import embed
 from microsnoop_ray.io.sources import CellChunk, FileField, SiteKey
 from microsnoop_ray.pipeline.config import CropConfig, EncodeConfig, SegmentationConfig
 from microsnoop_ray.pipeline.stages import DROP, PLANE, SKIP, CropStage, EncodeStage, SiteCollector, crops_of, read_row
 
-FIELD = sorted(TRANSFLUOR.glob("AS_*_O01f00d2.TIF"))[0]
+
+def field_file() -> Path:
+    return sorted(transfluor_images().glob("AS_*_O01f00d2.TIF"))[0]
 
 
 @pytest.mark.parametrize("normalization", ["default", "faithful"])
 def test_field_crops_travel_compact_and_encode_as_embed(untrained_weights, normalization):
-    item = FileField("P|1", "O01", 0, 1, files=(str(FIELD),))  # a plate name with "|" is an ordinary key
+    item = FileField("P|1", "O01", 0, 1, files=(str(field_file()),))  # a plate name with "|" is an ordinary key
     row = read_row({"item": item})
     image = row["image"]
     assert image.dtype == np.uint8 and row["error"] == ""
@@ -102,9 +106,9 @@ def test_a_bug_in_a_stage_is_not_an_input_error(tmp_path):
             raise ZeroDivisionError("a bug")
 
     with pytest.raises(ZeroDivisionError):
-        read_row({"item": Broken("P", "A01", 1, 1, files=(str(FIELD),))})
+        read_row({"item": Broken("P", "A01", 1, 1, files=(str(field_file()),))})
     missing = read_row({"item": FileField("P", "A01", 1, 1, files=(str(tmp_path / "nope.tif"),))})
     assert missing["error"].startswith("plate P, well A01, site 1: ") and "does not exist" in missing["error"]
     with pytest.raises(ValueError, match="mode must be one of"):
         CropStage(crop=CropConfig(mode="bogus")).process(read_row({"item": FileField("P", "A01", 1, 1,
-                                                                                       files=(str(FIELD),))}))
+                                                                                       files=(str(field_file()),))}))

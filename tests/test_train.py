@@ -16,8 +16,12 @@ from microsnoop_ray.train.data import TypeAlternatingSampler, batch_stream, buil
 from microsnoop_ray.train.loop import TrainConfig, latest_checkpoint, train_local, train_with_ray
 from microsnoop_ray.train.masking import learning_rate, mask_patches
 
-HUMAN = str(shared("pretrain", "cellprofiler_examples", "ExampleHuman"))
-FLY = str(shared("pretrain", "cellprofiler_examples", "ExampleFly"))
+def human() -> str:
+    return str(shared("pretrain", "cellprofiler_examples", "ExampleHuman"))
+
+
+def fly() -> str:
+    return str(shared("pretrain", "cellprofiler_examples", "ExampleFly"))
 
 
 def test_exactly_a_quarter_of_the_patches_are_zeroed():
@@ -45,8 +49,8 @@ def test_pool_splits_channels_and_batches_alternate_types():
     assert len(to_planes(np.zeros((3, 40, 50)))) == 3
     rgb = np.stack([np.arange(40 * 50).reshape(40, 50)] * 3, axis=-1) * np.array([1, 2, 3])
     assert len(to_planes(rgb)) == 1 and len(to_planes(rgb, "split")) == 3
-    pool = build_pool([{"kind": "folder", "path": HUMAN, "type": "human"},
-                       {"kind": "folder", "path": FLY, "type": "fly"}])
+    pool = build_pool([{"kind": "folder", "path": human(), "type": "human"},
+                       {"kind": "folder", "path": fly(), "type": "fly"}])
     assert set(pool.types) == {"human", "fly"}
     sampler = TypeAlternatingSampler(pool, batch_size=4, size=64, seed=0)
     kinds = [sampler.next_batch()[1] for _ in range(6)]
@@ -57,8 +61,8 @@ def test_pool_splits_channels_and_batches_alternate_types():
 
 def test_loader_processes_give_one_type_per_batch_reproducibly():
     import itertools
-    pool = build_pool([{"kind": "folder", "path": HUMAN, "type": "human"},
-                       {"kind": "folder", "path": FLY, "type": "fly"}])
+    pool = build_pool([{"kind": "folder", "path": human(), "type": "human"},
+                       {"kind": "folder", "path": fly(), "type": "fly"}])
 
     def draw(workers, seed=3):
         return list(itertools.islice(batch_stream(pool, 4, 64, seed=seed, workers=workers), 6))
@@ -82,13 +86,13 @@ def test_a_source_that_gives_no_image_is_an_error_naming_it(tmp_path):
     bad.mkdir()
     (bad / "field01.tif").write_bytes(b"not a tiff at all")
     with pytest.raises(InputError, match=r"lab-screen.*gave no image \(1 skipped\).*field01\.tif"):
-        build_pool([{"kind": "folder", "path": HUMAN}, {"kind": "folder", "path": str(bad)}])
-    pool = build_pool([{"kind": "folder", "path": HUMAN}])  # a readable source alone is fine
+        build_pool([{"kind": "folder", "path": human()}, {"kind": "folder", "path": str(bad)}])
+    pool = build_pool([{"kind": "folder", "path": human()}])  # a readable source alone is fine
     assert len(pool) == 3 and pool.skipped == []
 
 
 def _cfg(tmp_path, **kw):
-    base = dict(sources=[{"kind": "folder", "path": HUMAN}], storage_path=str(tmp_path), input_size=64,
+    base = dict(sources=[{"kind": "folder", "path": human()}], storage_path=str(tmp_path), input_size=64,
                 batch_size=8, epoch_size=32, nepoch=4, warmup=0, threads=1, seed=0)
     base.update(kw)
     return TrainConfig.from_mapping(base)

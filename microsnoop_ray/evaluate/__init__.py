@@ -1,4 +1,4 @@
-"""Evaluation protocols of METHOD.md section 6 and the baselines they are compared with.
+"""Evaluation protocols of docs/METHOD.md section 6 and the baselines they are compared with.
 
 Pure functions on arrays and DataFrames:
 

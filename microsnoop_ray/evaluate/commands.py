@@ -5,6 +5,7 @@ summary plus the labels to colour its picture by.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -16,6 +17,8 @@ from ..profiles.sphering import DEFAULT_REGULARIZATION, sphere_profiles
 from .mapping import activity_map, consistency_map
 from .metrics import knn_accuracy, mlp_accuracy, silhouette
 from .nsc import nsc_nscb, treatment_batches
+from .report import write_report
+from .suites import SUITES, run_suite, table_markdown
 from ..profiles.controls import negative_controls
 
 
@@ -45,7 +48,7 @@ def _labelled(df: pd.DataFrame, label: str, where: str) -> tuple[np.ndarray, np.
 
 def evaluate_knn(df: pd.DataFrame, label: str, k: int = 11, metric: str = "euclidean",
                  where: str = "table") -> tuple[dict, np.ndarray, np.ndarray]:
-    """Leave-one-out kNN of ``label`` (METHOD.md vote rule). Returns summary, features, labels."""
+    """Leave-one-out kNN of ``label`` (docs/METHOD.md vote rule). Returns summary, features, labels."""
     X, y, dropped = _labelled(df, label, where)
     res = knn_accuracy(X, y, k, metric)
     return {**res, "metric": "knn", "distance": res["metric"], "label": label, "rows_without_label": dropped}, X, y
@@ -147,3 +150,26 @@ def headline(s: dict) -> str:
         return f"silhouette {s['silhouette']:.3f} ({s['n']} rows)"
     extra = f" ± {s['sd']:.3f}" if "sd" in s else ""
     return f"{s['metric']} accuracy {s['accuracy']:.3f}{extra}, macro F1 {s['macro_f1']:.3f} ({s['n']} rows)"
+
+
+def run_suites(which: str, data, out, methods, weights=None, log=print, per_class: int = 100, per_well: int = 40,
+               seed: int = 0, null_size: int = 10000, show=print):
+    """Run the suites named in ``which`` (comma-separated, or ``all``), ``show`` each one's table, and
+    write the report; returns the report's Markdown path. Raises ValueError naming a failed suite."""
+    names = list(SUITES) if which == "all" else which.split(",")
+    unknown = [n for n in names if n not in SUITES]
+    if unknown:
+        raise ValueError(f"unknown suite(s) {unknown}; choose from {sorted(SUITES)} or 'all'")
+    opts = {"mlcp-cellcycle": {"per_class": per_class, "seed": seed},
+            "bbbc021-chx": {"per_well": per_well, "seed": seed, "null_size": null_size},
+            "bbbc021-cp-profiles": {"seed": seed},
+            "lincs-plate": {"seed": seed, "null_size": null_size}}
+    for name in names:
+        try:
+            doc = run_suite(name, Path(data), Path(out), methods, weights, log=log, **opts[name])
+        except ValueError as exc:
+            raise ValueError(f"suite {name}: {exc}") from None
+        show(f"\n## {name}\n")
+        show(table_markdown(doc))
+    md, _ = write_report(out)
+    return md

@@ -1,4 +1,4 @@
-"""kNN accuracy with the vote rule of METHOD.md section 6."""
+"""kNN accuracy with the vote rule of docs/METHOD.md section 6."""
 from __future__ import annotations
 
 import numpy as np
@@ -50,7 +50,7 @@ def knn_accuracy(X: np.ndarray, y: np.ndarray, k: int = 11, metric: str = "eucli
 
 def mlp_accuracy(X: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0, max_iter: int = 1000,
                  hidden_layer_sizes: tuple = (100,), scale: bool = True) -> dict:
-    """Stratified k-fold accuracy of ``MLPClassifier(max_iter=1000)`` (METHOD.md section 6, BBBC048).
+    """Stratified k-fold accuracy of ``MLPClassifier(max_iter=1000)`` (docs/METHOD.md section 6, BBBC048).
 
     With ``scale`` (default) the features are z-scored with the training folds' mean and SD before
     the classifier, as scikit-learn advises for MLPs: Microsnoop embeddings have variances of

@@ -1,4 +1,4 @@
-"""BBBC021 mechanism-of-action matching: NSC and NSCB (METHOD.md section 6).
+"""BBBC021 mechanism-of-action matching: NSC and NSCB (docs/METHOD.md section 6).
 
 NSC ("not same compound"): for every treatment profile, the nearest other treatment profile
 (1-NN, cosine) among treatments of a *different compound*; correct when it has the same MoA.

@@ -5,7 +5,7 @@ Every suite runs each method on the *same* inputs and returns one result documen
 ``mlcp-cellcycle``
     Jurkat cells (Blasi et al. 2016), Experiment_1, up to ``per_class`` cells per phase.
     7-class (G1, S, G2, Prophase, Metaphase, Anaphase, Telophase) and 5-class (G1, S and G2
-    merged into Interphase): kNN (k = 11, Euclidean, METHOD.md vote rule) and MLP (stratified
+    merged into Interphase): kNN (k = 11, Euclidean, docs/METHOD.md vote rule) and MLP (stratified
     5-fold). Silhouette (cosine) of the 7 classes and one UMAP per method.
 ``bbbc021-chx``
     MCF-7 cells of BBBC021 (Caie et al. 2010), up to ``per_well`` cells per well: kNN DMSO vs
@@ -387,28 +387,3 @@ def table_markdown(doc: dict) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
-
-
-def run_suites(which: str, data, out, methods, weights=None, log=print, per_class: int = 100, per_well: int = 40,
-               seed: int = 0, null_size: int = 10000, show=print):
-    """Run the suites named in ``which`` (comma-separated, or ``all``), ``show`` each one's table, and
-    write the report; returns the report's Markdown path. Raises ValueError naming a failed suite."""
-    from .report import write_report
-
-    names = list(SUITES) if which == "all" else which.split(",")
-    unknown = [n for n in names if n not in SUITES]
-    if unknown:
-        raise ValueError(f"unknown suite(s) {unknown}; choose from {sorted(SUITES)} or 'all'")
-    opts = {"mlcp-cellcycle": {"per_class": per_class, "seed": seed},
-            "bbbc021-chx": {"per_well": per_well, "seed": seed, "null_size": null_size},
-            "bbbc021-cp-profiles": {"seed": seed},
-            "lincs-plate": {"seed": seed, "null_size": null_size}}
-    for name in names:
-        try:
-            doc = run_suite(name, Path(data), Path(out), methods, weights, log=log, **opts[name])
-        except ValueError as exc:
-            raise ValueError(f"suite {name}: {exc}") from None
-        show(f"\n## {name}\n")
-        show(table_markdown(doc))
-    md, _ = write_report(out)
-    return md

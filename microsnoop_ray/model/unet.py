@@ -1,7 +1,7 @@
 """The Microsnoop network: a Cellpose-style residual U-Net on one-channel images.
 
 The module names reproduce the published checkpoint's state-dict layout exactly
-(311 entries, see ``METHOD.md`` section 1); that layout is a public contract:
+(311 entries, see ``docs/METHOD.md`` section 1); that layout is a public contract:
 a checkpoint written by the reference code loads here unchanged, and ours
 loads there.
 

@@ -60,8 +60,7 @@ def run_fields(cfg: ProfileConfig, masks: Sequence[str | Path] | None = None, ce
     work = cfg.work(masks=masks, centres=read_centres(centres) if centres else None, object_size=seg.diameter)
     files = {it.key: it.file_name for it in work.items if isinstance(it, FileField)}
     encode = EncodeStage(cfg.encode, features=cfg.feature_sets)
-    card = encode.encoder.model_card
-    model_id = card.model_id if card else "microsnoop-unknown"
+    model_id = encode.encoder.model_card.model_id
 
     def qc(item, image, labels, prep) -> None:
         if png:
@@ -97,7 +96,7 @@ def run_fields(cfg: ProfileConfig, masks: Sequence[str | Path] | None = None, ce
         raise RuntimeError(f"sites without all their planes: {collector.incomplete()[:5]}")
     prov = {"command": "fields", "mode": cfg.crop.mode, "features": list(cfg.feature_sets), "segmentation": segmenter_used(cfg, work.items, seg_desc),
             "channels": sorted({tuple(i.channels) for i in work.plates.values()}), "config": cfg.to_dict(),
-            "aggregation": "mean", "model_card": card.to_dict() if card else None}
+            "aggregation": "mean", "model_card": encode.encoder.model_card.to_dict()}
     outputs = []
     if cell_tables:
         cells = pd.concat(cell_tables, ignore_index=True)

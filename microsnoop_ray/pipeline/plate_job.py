@@ -161,6 +161,64 @@ def prepare_illumination(cfg: ProfileConfig, work: Work, layout: Layout, progres
 
 # --------------------------------------------------------------------------- running it
 
+class SiteSink:
+    """Writes what the collector hands on: a site's cells with their plate-map annotations and
+    provenance, or the reason it was skipped; counts both."""
+
+    def __init__(self, layout: Layout, plates: dict, platemap: pd.DataFrame | None, provenance: dict,
+                 files: dict):
+        self.layout, self.plates, self.platemap, self.provenance, self.files = (layout, plates, platemap,
+                                                                               provenance, files)
+        self.written = self.skipped = 0
+
+    def site(self, key: SiteKey, cells: pd.DataFrame, dropped: list, rejected: int) -> None:
+        batch = self.plates[key.plate].batch
+        table = site_table(key, cells, self.layout.model_id, batch, self.files.get(key),
+                           well_annotations(self.platemap, key.plate, key.well, cells.columns))
+        self.layout.write_site(batch, key, table, dropped, {**self.provenance,
+                                                           "channels": self.plates[key.plate].channels})
+        self.written += 1
+
+    def skip(self, key: SiteKey, reason: str) -> None:
+        self.layout.write_skip(self.plates[key.plate].batch, key, reason)
+        self.skipped += 1
+
+
+def run_sites(cfg: ProfileConfig, todo: list, sink: SiteSink, log_file: Path | None) -> dict:
+    """Run the work items ``todo`` through the Ray pipeline into ``sink``, with per-plate progress;
+    returns the run's counts (time, encoder busy share, duplicates ignored)."""
+    per_plate: dict[str, int] = {}
+    for key in {it.key for it in todo}:
+        per_plate[key.plate] = per_plate.get(key.plate, 0) + 1
+    progress: PlateProgress | None = None
+
+    def on_site(key: SiteKey, cells: pd.DataFrame | None) -> None:
+        if progress is not None:
+            progress.site_done(key, None if cells is None else len(cells))
+
+    collector = SiteCollector(sink.site, sink.skip, {p: i.channels for p, i in sink.plates.items()}, on_site,
+                              cfg.feature_sets)
+    t_run = time.perf_counter()
+    with ray_output_to(log_file) as terminal:
+        progress = PlateProgress(per_plate, stream=terminal) if cfg.run.progress else None
+        try:
+            pools = run_on_ray(cfg, todo, collector)
+        except Exception:  # a bug, or the cluster failing: the traceback goes to the log and up
+            log.exception("profile failed after %d of %d site(s); finished sites stay written, a rerun of "
+                          "the same command does the rest", collector.sites_done, sum(per_plate.values()))
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
+    if collector.incomplete():
+        raise RuntimeError(f"{len(collector.incomplete())} site(s) did not receive all their planes: "
+                           f"{collector.incomplete()[:5]}")
+    seconds = time.perf_counter() - t_run
+    return {"duplicate_rows_ignored": collector.duplicates, "pipeline_seconds": round(seconds, 2),
+            "encoder_busy_seconds": round(collector.encode_seconds, 2), "encoder_actors": pools["encoder_actors"],
+            "encoder_busy_share": round(collector.encode_seconds / max(1e-9, pools["encoder_actors"] * seconds), 3)}
+
+
 def run_profile(cfg: ProfileConfig, progress_print=print, log_file: str | Path | None = "default") -> dict:
     """Profile the plates of ``cfg`` on the current Ray cluster (``ray.init`` must have run).
 
@@ -179,79 +237,34 @@ def run_profile(cfg: ProfileConfig, progress_print=print, log_file: str | Path |
     from ..model.load import load_model
 
     t0 = time.perf_counter()
-    model = load_model(cfg.encode.weights)
-    card = model.model_card
-    model_id = card.model_id if card else "microsnoop-unknown"
-    layout = Layout(cfg.out, model_id)
+    card = load_model(cfg.encode.weights).model_card
+    layout = Layout(cfg.out, card.model_id)
     if log_file == "default":
         log_file = layout.root / "logs" / "profile.log"
+    # plan: what there is, what is already done
     work = list_work(cfg)
     items, illumination = prepare_illumination(cfg, work, layout, progress_print)
-    save_config({**cfg.to_dict(), "model_id": model_id}, layout.root / "run_config.yaml")
+    save_config({**cfg.to_dict(), "model_id": card.model_id}, layout.root / "run_config.yaml")
     plates = work.plates
-    batch_of = {p: info.batch for p, info in plates.items()}
-    todo = [it for it in items if not layout.site_done(batch_of[it.plate], it.key, cfg.run.retry_skipped)]
+    todo = [it for it in items if not layout.site_done(plates[it.plate].batch, it.key, cfg.run.retry_skipped)]
     for it in todo:  # a retried skip is replaced, never kept beside its new result
-        layout.clear_notes(batch_of[it.plate], it.key)
-    sites_todo = {it.key for it in todo}
-    n_total = sum(len(p.sites) for p in plates.values())
+        layout.clear_notes(plates[it.plate].batch, it.key)
+    n_todo, n_total = len({it.key for it in todo}), sum(len(p.sites) for p in plates.values())
     progress_print(f"microsnoop-ray profile: {len(plates)} plate(s), {len(items)} work item(s); "
-                   f"{len(sites_todo)} site(s) to do, {n_total - len(sites_todo)} already done"
+                   f"{n_todo} site(s) to do, {n_total - n_todo} already done"
                    + (f"; Ray's messages go to {log_file}" if log_file and todo else ""))
     platemap = read_platemap(cfg.platemap) if cfg.platemap else None
-    provenance = {"model_card": card.to_dict() if card else None, "mode": cfg.crop.mode,
+    provenance = {"model_card": card.to_dict(), "mode": cfg.crop.mode,
                   "segmenter": cfg.segmentation.segmenter, "normalization": cfg.encode.normalization,
                   "rescale_constant": cfg.crop.rescale_constant, "border": cfg.crop.border,
                   "max_cells_per_site": cfg.crop.max_cells_per_site, "features": list(cfg.feature_sets),
                   **run_provenance(cfg, items),
                   "illumination": illumination}
-    counts = {"sites_written": 0, "sites_skipped": 0}
-    files = {it.key: it.file_name for it in items if isinstance(it, FileField)}
-
-    def write_site(key: SiteKey, cells: pd.DataFrame, dropped: list, rejected: int) -> None:
-        batch = batch_of[key.plate]
-        table = site_table(key, cells, model_id, batch, files.get(key),
-                           well_annotations(platemap, key.plate, key.well, cells.columns))
-        layout.write_site(batch, key, table, dropped, {**provenance, "channels": plates[key.plate].channels})
-        counts["sites_written"] += 1
-
-    def write_skip(key: SiteKey, reason: str) -> None:
-        layout.write_skip(batch_of[key.plate], key, reason)
-        counts["sites_skipped"] += 1
-
-    if todo:
-        per_plate: dict[str, int] = {}
-        for key in sites_todo:
-            per_plate[key.plate] = per_plate.get(key.plate, 0) + 1
-        progress: PlateProgress | None = None
-
-        def on_site(key: SiteKey, cells: pd.DataFrame | None) -> None:
-            if progress is not None:
-                progress.site_done(key, None if cells is None else len(cells))
-
-        collector = SiteCollector(write_site, write_skip, {p: i.channels for p, i in plates.items()}, on_site,
-                                  cfg.feature_sets)
-        t_run = time.perf_counter()
-        with ray_output_to(log_file) as terminal:
-            progress = PlateProgress(per_plate, stream=terminal) if cfg.run.progress else None
-            try:
-                pools = run_on_ray(cfg, todo, collector)
-            except Exception:  # a bug, or the cluster failing: the traceback goes to the log and up
-                log.exception("profile failed after %d of %d site(s); finished sites stay written, a rerun of "
-                              "the same command does the rest", collector.sites_done, len(sites_todo))
-                raise
-            finally:
-                if progress is not None:
-                    progress.close()
-        counts["duplicate_rows_ignored"] = collector.duplicates
-        counts["pipeline_seconds"] = round(time.perf_counter() - t_run, 2)
-        counts["encoder_busy_seconds"] = round(collector.encode_seconds, 2)
-        counts["encoder_actors"] = pools["encoder_actors"]
-        counts["encoder_busy_share"] = round(collector.encode_seconds / max(1e-9, pools["encoder_actors"] *
-                                                                           counts["pipeline_seconds"]), 3)
-        if collector.incomplete():
-            raise RuntimeError(f"{len(collector.incomplete())} site(s) did not receive all their planes: "
-                               f"{collector.incomplete()[:5]}")
+    sink = SiteSink(layout, plates, platemap, provenance, {it.key: it.file_name for it in items
+                                                            if isinstance(it, FileField)})
+    counts = run_sites(cfg, todo, sink, log_file) if todo else {}
+    counts.update(sites_written=sink.written, sites_skipped=sink.skipped)
+    # post-process: wells, sphering, treatments, the summary
     summary = postprocess(cfg, plates, layout, work.problems, provenance, platemap)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     summary["this_run"] = counts

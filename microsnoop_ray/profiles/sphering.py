@@ -1,4 +1,4 @@
-"""ZCA sphering fitted on negative controls (``METHOD.md`` section 5).
+"""ZCA sphering fitted on negative controls (``docs/METHOD.md`` section 5).
 
 Fitted on control profiles ``X`` (n x d): centre on the control mean ``mu``,
 per-feature variances ``V`` (ddof 1), and for ``zca-cor`` the eigendecomposition

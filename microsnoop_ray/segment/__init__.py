@@ -10,19 +10,17 @@ Backends
 Supplied label images and supplied object centres skip segmentation
 (:func:`microsnoop_ray.crop.bboxes_from_centres`).
 """
-from .classical import segment_classical
+from .classical import DIAMETER, segment_classical
 from .cellpose_backend import CellposeSegmenter, convert_cellpose_weights, resolve_cellpose_weights
 
 #: Segmentation methods: ``auto`` is Cellpose when weights are available, else the classical one.
 SEGMENTERS = ("auto", "cellpose", "classical")
-#: Typical nucleus diameter in pixels that segmentation assumes unless told.
-DIAMETER = 30.0
 
 __all__ = ["SEGMENTERS", "DIAMETER", "segment_classical", "CellposeSegmenter", "convert_cellpose_weights", "resolve_cellpose_weights",
            "make_segmenter", "describe_segmenter"]
 
 
-def describe_segmenter(method: str = "auto", cellpose_model=None, diameter: float = 30.0) -> str:
+def describe_segmenter(method: str = "auto", cellpose_model=None, diameter: float = DIAMETER) -> str:
     """What :func:`make_segmenter` will use for these options, without loading any network
     (``auto`` resolved to Cellpose or the classical fallback)."""
     weights = None
@@ -36,7 +34,7 @@ def _description(weights, diameter: float) -> str:
         else f"classical:otsu-watershed:diameter={diameter}"
 
 
-def make_segmenter(method: str = "auto", cellpose_model=None, diameter: float = 30.0, batch_size: int = 8,
+def make_segmenter(method: str = "auto", cellpose_model=None, diameter: float = DIAMETER, batch_size: int = 8,
                    gpu: bool = False):
     """Build a callable ``list of (H, W) planes -> list of label images``.
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..config import cache_dir
+from .classical import DIAMETER
 
 log = logging.getLogger("microsnoop_ray.segment")
 
@@ -32,7 +33,7 @@ _RENAMES = (("extractor.", ""), ("tasker.upsample", "upsample"), ("tasker.base_b
             ("tasker.base_conv", "output.2"))
 
 
-def convert_cellpose_weights(path: str | os.PathLike, diameter: float = 30.0) -> Path:
+def convert_cellpose_weights(path: str | os.PathLike, diameter: float = DIAMETER) -> Path:
     """Return a Cellpose-loadable copy of ``path`` (the file itself if it already loads).
 
     Parameters
@@ -114,7 +115,7 @@ class CellposeSegmenter:
         Use CUDA when available.
     """
 
-    def __init__(self, weights: str | os.PathLike, diameter: float = 30.0, batch_size: int = 8, gpu: bool = False,
+    def __init__(self, weights: str | os.PathLike, diameter: float = DIAMETER, batch_size: int = 8, gpu: bool = False,
                  flow_threshold: float = 0.4, cellprob_threshold: float = 0.0):
         import torch
         from cellpose import models

@@ -4,8 +4,12 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+#: Typical nucleus diameter in pixels that segmentation assumes unless told (Cellpose's own default);
+#: the one definition every segmenter and the crop configuration use.
+DIAMETER = 30.0
 
-def segment_classical(plane: np.ndarray, diameter: float = 30.0, threshold: str = "otsu",
+
+def segment_classical(plane: np.ndarray, diameter: float = DIAMETER, threshold: str = "otsu",
                       smooth_sigma: float | None = None, min_area: float | None = None) -> np.ndarray:
     """Segment nuclei (bright objects on a dark background).
 

@@ -1,1 +1,1 @@
-"""Masked-image pretraining (METHOD.md section 2): masking, data pool, training loop."""
+"""Masked-image pretraining (docs/METHOD.md section 2): masking, data pool, training loop."""

@@ -1,6 +1,6 @@
 """The one-channel pretraining pool, its type-alternating sampler and the augmentation.
 
-METHOD.md section 2: every channel of every image is split out into a one-channel
+docs/METHOD.md section 2: every channel of every image is split out into a one-channel
 image; RGB pictures are converted to grey; each batch is drawn from one image
 *type*, types taken in turn, so that a large source does not dominate a small one.
 """
@@ -16,7 +16,8 @@ import cv2
 import numpy as np
 
 from ..errors import InputError
-from ..preprocess import normalize_percentile
+from ..preprocess import normalize_percentile, pad_center
+from ..segment.classical import DIAMETER
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def pool_from_plate(path: str | Path, image_type: str | None = None) -> Pool:
     return Pool(planes, [kind] * len(planes), sources)
 
 
-def cells_from_pool(pool: Pool, suffix: str = "-cells", diameter: float = 30.0, rescale_constant: float | None = None,
+def cells_from_pool(pool: Pool, suffix: str = "-cells", diameter: float = DIAMETER, rescale_constant: float | None = None,
                     max_per_plane: int = 200, seed: int = 0) -> Pool:
     """Derive a single-cell type from full fields: classical segmentation, then cell-region crops.
 
@@ -232,7 +233,7 @@ def build_pool(sources: Sequence[Mapping]) -> Pool:
             raise InputError(path if kind in ("folder", "registry") else src["path"],
                              f"pretraining source gave no image ({len(part.skipped)} skipped): {why}")
         if src.get("derive_cells"):
-            part.extend(cells_from_pool(part, diameter=float(src.get("diameter", 30.0))))
+            part.extend(cells_from_pool(part, diameter=float(src.get("diameter", DIAMETER))))
         pool.extend(part)
     if not len(pool):
         raise ValueError("the pretraining pool is empty: no readable images in the sources")
@@ -256,11 +257,7 @@ def augment(plane: np.ndarray, size: int, rng: np.random.Generator, scale_range=
     h, w = plane.shape
     top = int(rng.integers(0, h - size + 1)) if h > size else 0
     left = int(rng.integers(0, w - size + 1)) if w > size else 0
-    crop = np.asarray(plane[top:top + size, left:left + size], dtype=np.float32)
-    out = np.zeros((size, size), np.float32)
-    ch, cw = crop.shape
-    out[(size - ch) // 2:(size - ch) // 2 + ch, (size - cw) // 2:(size - cw) // 2 + cw] = crop
-    out = normalize_percentile(out[None])[0]
+    out = normalize_percentile(pad_center(plane[top:top + size, left:left + size], size)[None])[0]
     angle = float(rng.uniform(0.0, 360.0)) if rotate else 0.0
     scale = float(rng.uniform(*scale_range))
     m = cv2.getRotationMatrix2D(((size - 1) / 2.0, (size - 1) / 2.0), angle, scale)

@@ -35,7 +35,7 @@ CHECKPOINT_FORMAT = "microsnoop-ray/train-1"
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Every value of the recipe (METHOD.md section 2 by default).
+    """Every value of the recipe (docs/METHOD.md section 2 by default).
 
     ``sources`` is a list of mappings for :func:`~microsnoop_ray.train.data.build_pool`.
     ``stop_epoch`` ends a budgeted run early while keeping the schedule of ``nepoch``.

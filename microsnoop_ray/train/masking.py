@@ -1,4 +1,4 @@
-"""Patch masking and the learning-rate schedule of Microsnoop pretraining (METHOD.md section 2)."""
+"""Patch masking and the learning-rate schedule of Microsnoop pretraining (docs/METHOD.md section 2)."""
 from __future__ import annotations
 
 import math

@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..preprocess import normalize_percentile
+from ..preprocess import normalize_percentile, pad_center
 from ..qc import save_figure
 from .masking import mask_patches
 
@@ -19,11 +19,7 @@ def center_target(plane: np.ndarray, size: int = 224, at: tuple[int, int] | None
     """
     h, w = plane.shape
     top, left = at if at is not None else (max(0, (h - size) // 2), max(0, (w - size) // 2))
-    crop = np.asarray(plane[top:top + size, left:left + size], np.float32)
-    out = np.zeros((size, size), np.float32)
-    ch, cw = crop.shape
-    out[(size - ch) // 2:(size - ch) // 2 + ch, (size - cw) // 2:(size - cw) // 2 + cw] = crop
-    return normalize_percentile(out[None])[0]
+    return normalize_percentile(pad_center(plane[top:top + size, left:left + size], size)[None])[0]
 
 
 def busiest_window(plane: np.ndarray, size: int = 224) -> tuple[int, int]:
