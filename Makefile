@@ -25,11 +25,11 @@ test: install
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 demo: install
-	$(PY) -m microsnoop_ray.demo plate --out demo_output
+	$(PY) jobs/demo.py plate --out demo_output
 
 # The BBBC021 mini-screen (needs ../shared/data/bbbc021_chx beside the repository).
 screen: install
-	$(PY) -m microsnoop_ray.demo bbbc021 --out screen_output
+	$(PY) jobs/demo.py bbbc021 --out screen_output
 
 bench: install
 	$(PY) benchmarks/encoder.py

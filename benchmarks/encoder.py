@@ -137,7 +137,7 @@ def main() -> None:
             })
             print(json.dumps(result["cases"][-1]), flush=True, file=__import__("sys").stderr)
     if device.type == "cuda":
-        from microsnoop_ray.encode import Encoder, embed
+        from microsnoop_ray.encode.embed import Encoder, embed
         cells = real_cells()
         enc = Encoder(MicrosnoopUNet(), device=device)
         e2e_batch = args.batch or 256

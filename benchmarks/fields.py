@@ -17,9 +17,9 @@ import time
 import numpy as np
 import torch
 
-from microsnoop_ray.encode import Encoder
-from microsnoop_ray.encode import profile_field
-from microsnoop_ray.datasets import fetch_package_files
+from microsnoop_ray.encode.embed import Encoder
+from microsnoop_ray.encode.embed import profile_field
+from microsnoop_ray.io.datasets import fetch_package_files
 from microsnoop_ray.model import MicrosnoopUNet
 from microsnoop_ray.segment import CellposeSegmenter, resolve_cellpose_weights, segment_classical
 

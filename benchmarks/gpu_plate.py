@@ -105,7 +105,7 @@ def bare_encoder(model, device, size: int, batch: int, precision: str, seconds: 
     """Images/s of the compiled channels_last encoder on random normalised planes of ``size``."""
     import torch
 
-    from microsnoop_ray.encode import Encoder
+    from microsnoop_ray.encode.embed import Encoder
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
     enc = Encoder(model, device=device, compile=device.type == "cuda", precision=precision)
@@ -124,7 +124,7 @@ def bare_encoder(model, device, size: int, batch: int, precision: str, seconds: 
 def accuracy(model, device, crops: list, precision: str, ref: np.ndarray) -> dict:
     import torch
 
-    from microsnoop_ray.encode import Encoder
+    from microsnoop_ray.encode.embed import Encoder
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
     from microsnoop_ray.evaluate.metrics import centred_relative_error
@@ -212,7 +212,7 @@ def main() -> None:
     # 2-3. bare encoder per precision, and its embeddings against fp32 on real cells
     cells = np.load(args.data / "cells.npz")["images"]
     crops = [plane for cell in cells for plane in cell]
-    from microsnoop_ray.encode import Encoder
+    from microsnoop_ray.encode.embed import Encoder
     ref = Encoder(model, device=device).embed_crops(crops)
     precisions = PRECISIONS if cuda else ("fp32",)
     enc = {}

@@ -66,15 +66,15 @@ def main() -> None:
     import ray
     import torch
 
-    from microsnoop_ray.encode import Encoder, embed
+    from microsnoop_ray.encode.embed import Encoder, embed
     from microsnoop_ray.pipeline.plate_job import ProfileConfig, run_profile
 
     tmp = Path(tempfile.mkdtemp())
     weights = args.weights
     if weights is None:
-        from microsnoop_ray.demo import untrained_checkpoint
+        from microsnoop_ray.model import save_random_init
         from microsnoop_ray.model import default_weights_path
-        weights = str(default_weights_path() or untrained_checkpoint(tmp / "w.pt"))
+        weights = str(default_weights_path() or save_random_init(tmp / "w.pt"))
     images = np.load(DATA / "cells.npz")["images"]
     meta = pd.read_csv(DATA / "cells.csv")
     pick = np.sort(np.random.default_rng(0).choice(len(meta), args.cells, replace=False))

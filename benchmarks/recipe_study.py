@@ -108,7 +108,7 @@ def network_scores(model, sets: dict, mlp: bool) -> dict:
 
 def cellpose_file() -> Path:
     """The Cellpose "cyto" weights of the scellseg sdist (the only Cellpose weights reachable offline)."""
-    from microsnoop_ray.datasets import fetch_package_files
+    from microsnoop_ray.io.datasets import fetch_package_files
 
     return fetch_package_files("scellseg-assets") / "pretrained_models" / "cellpose"
 

@@ -89,7 +89,7 @@ def dev_cells(per_class: int, per_dose: int, seed: int = 0) -> dict:
 
 
 def scellseg_file(name: str) -> Path:
-    from microsnoop_ray.datasets import fetch_package_files
+    from microsnoop_ray.io.datasets import fetch_package_files
 
     return fetch_package_files("scellseg-assets") / "pretrained_models" / name
 
@@ -252,7 +252,7 @@ def _licence_texts() -> tuple[str, str, str]:
     """(scellseg LICENSE, Cellpose LICENSE, cellpose version), read from the sdist and the installed package."""
     from importlib import metadata
 
-    from microsnoop_ray.datasets import fetch_package_files
+    from microsnoop_ray.io.datasets import fetch_package_files
 
     scellseg = (fetch_package_files("scellseg-licence") / "LICENSE").read_text()
     dist = metadata.distribution("cellpose")

@@ -35,9 +35,9 @@ def main() -> None:
     ap.add_argument("--per-well", type=int, default=30)
     args = ap.parse_args()
 
-    from microsnoop_ray.encode import Encoder, embed
+    from microsnoop_ray.encode.embed import Encoder, embed
     from microsnoop_ray.evaluate import knn_accuracy
-    from microsnoop_ray.datasets import fetch_package_files
+    from microsnoop_ray.io.datasets import fetch_package_files
     from microsnoop_ray.io.tables import sample_per_group
     from microsnoop_ray.model import MicrosnoopUNet, load_model
     from microsnoop_ray.train.reconstruct import center_target, reconstruct

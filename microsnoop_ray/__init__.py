@@ -4,7 +4,7 @@ The core is plain functions on arrays and DataFrames; Ray appears only in
 :mod:`microsnoop_ray.pipeline` and the jobs.
 """
 from .model import load_model, save_model, MicrosnoopUNet, ModelCard
-from .encode import embed, Encoder, feature_names
+from .encode.embed import embed, Encoder, feature_names
 from .errors import InputError, WeightsError, MicrosnoopError
 from .profiles.aggregate import feature_columns
 

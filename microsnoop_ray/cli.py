@@ -260,7 +260,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
     from .evaluate import commands
-    from .evaluate.figures import embedding_png
+    from .plots import embedding_png
     from .io.tables import read_table
 
     if args.metric == "suite":
@@ -381,7 +381,7 @@ def _add_report(sub) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import export
+    from .io.export import export
 
     for f in export(args.out, args.format, args.to, args.level, args.pca, args.pca_fit):
         print(f)

@@ -58,7 +58,7 @@ def published_ckpt(tmp_path_factory, published_sd):
 @pytest.fixture(scope="session")
 def registry_example():
     """Real images from distributions on the package index (downloaded once, cached)."""
-    from microsnoop_ray.datasets import fetch_package_files
+    from microsnoop_ray.io.datasets import fetch_package_files
 
     cache = {}
 
@@ -92,9 +92,9 @@ def ray_session():
 @pytest.fixture(scope="session")
 def untrained_weights(tmp_path_factory):
     """A randomly initialised network in the microsnoop-ray format (fixed seed)."""
-    from microsnoop_ray.demo import untrained_checkpoint
+    from microsnoop_ray.model import save_random_init
 
-    return untrained_checkpoint(tmp_path_factory.mktemp("weights") / "untrained.pt")
+    return save_random_init(tmp_path_factory.mktemp("weights") / "untrained.pt")
 
 
 TRANSFLUOR_PATTERN = r"AS_\d+_\d+_(?P<well>[A-P]\d{2})f(?P<site>\d{2})d(?P<channel>\d)\.TIF"

@@ -48,6 +48,7 @@ def bad_run(ray_session, untrained_weights, tmp_path_factory):
     return tmp, args, main(args)
 
 
+@pytest.mark.slow
 def test_every_field_is_profiled_or_listed_with_its_reason(bad_run):
     tmp, args, status = bad_run
     assert status == 3  # something was skipped

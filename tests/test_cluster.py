@@ -108,6 +108,7 @@ def _busy_processes(node) -> list[str]:
     return [n for n in names if "ray::" in n]
 
 
+@pytest.mark.slow
 def test_token_is_required(cluster):
     env = {k: v for k, v in cluster.env().items() if not k.startswith("RAY_AUTH")}
     r = subprocess.run([RAY, "job", "list"], env=env, capture_output=True, text=True, timeout=120)
@@ -116,6 +117,7 @@ def test_token_is_required(cluster):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_lost_node_and_stopped_job_give_the_undisturbed_output(cluster, transfluor_plate, untrained_weights,
                                                                tmp_path):
     plate, platemap = transfluor_plate

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from microsnoop_ray.cli import build_parser
-from microsnoop_ray.crop import RESCALE_CONSTANT
+from microsnoop_ray.crop.windows import RESCALE_CONSTANT
 from microsnoop_ray.pipeline.config import SECTIONS, ProfileConfig, merge_options
 
 

@@ -224,6 +224,7 @@ def test_suite_with_missing_data_is_skipped_not_faked(tmp_path):
     assert "skipped" in (tmp_path / "out" / "mlcp-cellcycle" / "table.md").read_text()
 
 
+@pytest.mark.slow
 def test_profile_suites_cli_and_report(tmp_path):
     import json
 

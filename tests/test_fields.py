@@ -7,9 +7,9 @@ import pytest
 import tifffile
 
 from microsnoop_ray import Encoder, embed, load_model
-from microsnoop_ray.crop import (bboxes_from_centres, crop_cells, object_bboxes, rescale_field, tile_field,
+from microsnoop_ray.crop.windows import (bboxes_from_centres, crop_cells, object_bboxes, rescale_field, tile_field,
                                  tile_starts)
-from microsnoop_ray.encode import profile_field
+from microsnoop_ray.encode.embed import profile_field
 from microsnoop_ray.segment import CellposeSegmenter, resolve_cellpose_weights, segment_classical
 
 
@@ -83,6 +83,7 @@ def test_classical_segmenter_counts_real_nuclei(stardist_nuclei):
     assert len(np.unique(labels)) - 1 == labels.max()
 
 
+@pytest.mark.slow
 def test_cellpose_with_real_weights_counts_cells_and_batches(registry_example):
     import skimage.io
     assets = registry_example("scellseg-assets")

@@ -9,9 +9,12 @@ import pandas as pd
 import pytest
 
 from conftest import shared
-from microsnoop_ray.encode import embed
+from microsnoop_ray.encode.embed import embed
 from microsnoop_ray.io.zarr_plate import open_plate
 from microsnoop_ray.pipeline.plate_job import ProfileConfig, run_profile
+
+# The Ray pipeline end to end on real plates: each test runs `profile` at least once.
+pytestmark = pytest.mark.slow
 
 
 def _digest(root):
@@ -95,7 +98,7 @@ def test_sphered_controls_and_treatments(profiled):
     assert f"{f['n_controls']} controls for {f['n_features']} varying features" in f["warning"]
     well_prov = read_provenance(next(out.glob("profiles/*/*/Transfluor/Transfluor_sphered.parquet")))
     assert well_prov["sphering"][0]["effective_rank"] == pytest.approx(f["effective_rank"])
-    from microsnoop_ray.report import sphering_lines
+    from microsnoop_ray.pipeline.run_report import sphering_lines
     table = "\n".join(sphering_lines(summary["sphering"]))
     assert f"| plate | Transfluor | {f['n_controls']} | {f['n_features']} | {f['rank']} |" in table
     assert "singular" in table and "Warnings:" in table

@@ -61,7 +61,7 @@ def test_pictures_leave_the_callers_matplotlib_backend_alone(tmp_path):
     import matplotlib
     import numpy as np
 
-    from microsnoop_ray.qc import draw_field
+    from microsnoop_ray.plots import draw_field
 
     matplotlib.use("svg")  # e.g. a notebook's or an application's own choice
     plane = np.random.default_rng(0).integers(0, 255, (64, 64)).astype(np.uint8)

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from conftest import shared, transfluor_images
-from microsnoop_ray.encode import embed
+from microsnoop_ray.encode.embed import embed
 from microsnoop_ray.io.sources import CellChunk, FileField, SiteKey
 from microsnoop_ray.pipeline.config import CropConfig, EncodeConfig, SegmentationConfig
 from microsnoop_ray.pipeline.stages import DROP, PLANE, SKIP, CropStage, EncodeStage, SiteCollector, crops_of, read_row

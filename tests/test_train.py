@@ -98,6 +98,7 @@ def _cfg(tmp_path, **kw):
     return TrainConfig.from_mapping(base)
 
 
+@pytest.mark.slow
 def test_two_ray_train_workers_reduce_the_loss(ray_session, tmp_path):
     cfg = _cfg(tmp_path, name="ddp", num_workers=2, nepoch=3, epoch_size=64)
     result = train_with_ray(cfg)
@@ -112,6 +113,7 @@ def test_two_ray_train_workers_reduce_the_loss(ray_session, tmp_path):
         == card["weights_sha256"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     config = _cfg(tmp_path, name="killme", nepoch=40, epoch_size=16).to_dict()
     (tmp_path / "c.json").write_text(json.dumps(config))
@@ -188,6 +190,7 @@ def test_pool_reads_plates_and_cell_arrays(transfluor_plate, tmp_path):
     assert summary["crops"]["planes"] == 6  # 3 cells x 2 channels, each its own one-channel image
 
 
+@pytest.mark.slow
 def test_mae_weights_reconstruct_held_out_cells_better_than_random_and_zero():
     """Held-out real cells (BBBC021 crops, never in a pretraining pool), every channel."""
     from microsnoop_ray.model import MicrosnoopUNet
@@ -204,7 +207,7 @@ def test_mae_weights_reconstruct_held_out_cells_better_than_random_and_zero():
 
 
 def test_reconstruct_command_writes_the_figure_of_the_busiest_window(tmp_path):
-    from microsnoop_ray.io.fields import read_field
+    from microsnoop_ray.io.images import read_field
     from microsnoop_ray.train.reconstruct import busiest_window, center_target
     field = sorted((shared("pretrain", "cellprofiler_examples", "ExampleHuman", "images")).glob("*.tif"))[0]
     plane = read_field(field)[0].astype(np.float32)  # what the command embeds: channel 0

@@ -43,7 +43,7 @@ def standardize(F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def network_features(images: np.ndarray, model, batch_size: int = 48, compile: bool = False) -> np.ndarray:
     """Microsnoop embeddings (n, 256 * c) of the crops with ``model`` (a MicrosnoopUNet)."""
-    from ..encode import Encoder, embed
+    from ..encode.embed import Encoder, embed
 
     return embed(images, encoder=Encoder(model, compile=compile), batch_size=batch_size)
 
@@ -52,7 +52,7 @@ def pixels_pca(images: np.ndarray, n_components: int = 256, seed: int = 0) -> np
     """PCA scores (n, k) of the flattened percentile-normalised pixels; k = min(n_components, n - 1, pixels)."""
     from sklearn.decomposition import PCA
 
-    from ..preprocess import normalize_percentile
+    from ..encode.preprocess import normalize_percentile
 
     n, c, h, w = images.shape
     flat = normalize_percentile(images.reshape(n * c, h, w).astype(np.float32)).reshape(n, c * h * w)

@@ -40,7 +40,7 @@ from ..io.tables import sample_per_group
 from ..profiles.aggregate import aggregate, feature_columns, treatment_profiles
 from ..profiles.sphering import DEFAULT_REGULARIZATION, sphere_profiles
 from .baselines import METHODS, extract
-from .figures import embedding_png
+from ..plots import embedding_png
 from .mapping import activity_map, consistency_map
 from .metrics import knn_accuracy, mlp_accuracy, silhouette
 from .nsc import nsc_nscb, treatment_batches

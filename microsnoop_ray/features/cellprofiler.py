@@ -208,7 +208,7 @@ def measure_windows(image: np.ndarray, labels: np.ndarray, objects, channel_name
         The site's label image (Cellpose, classical or supplied objects).
     objects : DataFrame
         ``Metadata_ObjectNumber`` (the label) and the window ``Metadata_Crop_Top/Bottom/Left/Right``
-        (the cell region the crop was cut from, :func:`~microsnoop_ray.crop.crop_windows`).
+        (the cell region the crop was cut from, :func:`~microsnoop_ray.crop.windows.crop_windows`).
 
     Returns
     -------
@@ -248,7 +248,7 @@ def nearest_object_masks(images: np.ndarray, channels: Sequence[int] | None = No
     from scipy import ndimage as ndi
     from skimage.filters import gaussian, threshold_otsu
 
-    from ..preprocess import normalize_percentile
+    from ..encode.preprocess import normalize_percentile
 
     n, c, h, w = images.shape
     sel = list(range(c)) if channels is None else list(channels)

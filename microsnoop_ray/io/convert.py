@@ -7,7 +7,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..errors import InputError
-from .fields import read_field
+from .images import read_field
 from .tables import parse_file_names, read_image_table
 from .zarr_plate import write_plate
 

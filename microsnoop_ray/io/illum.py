@@ -89,7 +89,7 @@ def illum_paths(folder: str | Path, plate: str, channels: Sequence[str]) -> list
 
 def save_functions(folder: str | Path, plate: str, channels: Sequence[str], functions: np.ndarray) -> list[Path]:
     """Write each channel's function as ``.npy`` (atomically) and a PNG beside it."""
-    from ..qc import new_figure, save_figure
+    from ..plots import new_figure, save_figure
     from .atomic import atomic_path
 
     paths = illum_paths(folder, plate, channels)

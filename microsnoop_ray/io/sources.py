@@ -25,7 +25,7 @@ import pandas as pd
 
 from ..errors import InputError
 from .arrays import TIFF_SUFFIXES, load_array, npz_columns, read_tiff
-from .fields import read_field
+from .images import read_field
 from .tables import read_cell_array, read_image_table, sample_per_group
 from .zarr_plate import FieldRef, open_plate
 
@@ -268,7 +268,7 @@ def list_sources(inputs: Sequence[str | Path], batch: str = "default", nuclei_ch
         One label image per loose image file, in the same order.
     centres : DataFrame, optional
         Object centres for loose image files (``x``, ``y``, ``label``, ``file``; see
-        :func:`~microsnoop_ray.io.fields.read_centres`), cropped with ``object_size``.
+        :func:`~microsnoop_ray.io.images.read_centres`), cropped with ``object_size``.
 
     Raises
     ------

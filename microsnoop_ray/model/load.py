@@ -263,6 +263,17 @@ def _load_cellpose(obj: Any, path: Path, device) -> MicrosnoopUNet:
     return model
 
 
+def save_random_init(path: str | os.PathLike, seed: int = 0) -> Path:
+    """A randomly initialised network (``torch.manual_seed(seed)``) in the microsnoop-ray format, its
+    card saying so: for pipeline checks and as the baseline every trained encoder must beat."""
+    torch.manual_seed(seed)
+    save_model(MicrosnoopUNet(), path, ModelCard(
+        model_id="microsnoop-UNTRAINED-{hash}", weights_sha256="", training_data="none (random initialisation)",
+        epochs=0, notes="Randomly initialised network for a pipeline check only; its profiles carry no learned "
+                        "biology."))
+    return Path(path)
+
+
 def save_model(model: MicrosnoopUNet, path: str | os.PathLike, card: ModelCard | Mapping | None = None,
                half: bool = False, encoder_only: bool = False) -> ModelCard:
     """Write ``model`` in the microsnoop-ray format with its model card.

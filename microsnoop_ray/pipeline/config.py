@@ -22,12 +22,12 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..crop import BORDER_MODES, RESCALE_CONSTANT, TILE_OVERLAP
-from ..encode import PRECISIONS
+from ..crop.windows import BORDER_MODES, RESCALE_CONSTANT, TILE_OVERLAP
+from ..encode.embed import PRECISIONS
 from ..features.cellprofiler import parse_feature_sets
-from ..fields import MODES
+from ..crop.field import MODES
 from ..io.sources import CELLS_PER_CHUNK
-from ..preprocess import NORMALIZATION_MODES as NORMALIZATIONS
+from ..encode.preprocess import NORMALIZATION_MODES as NORMALIZATIONS
 from ..profiles.sphering import DEFAULT_REGULARIZATION, REGULARIZATIONS
 from ..segment import DIAMETER, SEGMENTERS
 

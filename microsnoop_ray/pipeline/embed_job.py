@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..encode import Encoder, check_images, embed, feature_names
+from ..encode.embed import Encoder, check_images, embed, feature_names
 from ..errors import InputError
 from ..io.arrays import load_array, read_metadata_table
 from ..io.sources import read_image_stack

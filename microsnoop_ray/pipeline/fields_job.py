@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..io.fields import read_centres
+from ..io.images import read_centres
 from ..io.sources import FileField, SiteKey
 from ..io.write import write_parquet
 from ..profiles.aggregate import feature_columns
@@ -50,7 +50,7 @@ def run_fields(cfg: ProfileConfig, masks: Sequence[str | Path] | None = None, ce
     -------
     dict: ``fields`` profiled, ``skipped`` inputs, ``cells``, ``seconds``, ``outputs``.
     """
-    from ..qc import draw_field
+    from ..plots import draw_field
     from ..segment import make_segmenter
 
     t0 = time.perf_counter()

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from ..fields import field_problem, prepare_field
+from ..crop.field import field_problem, prepare_field
 from ..io.sources import CellChunk, SiteKey, WorkItem
 from ..model import EMBED_DIM, INPUT_SIZE
 from .config import CropConfig, EncodeConfig, SegmentationConfig
@@ -108,7 +108,7 @@ def plane_rows(item: WorkItem, objects: pd.DataFrame, crops: np.ndarray, rejecte
     """One row per (object, channel) plane, the crop at its native size (compact hand-off).
 
     ``crops`` (m, c, h, w) may be cell-region windows zero-padded to 224 (fields): each is cut back
-    to its window (``Metadata_Crop_*``), exactly what :func:`~microsnoop_ray.preprocess.pad_center`
+    to its window (``Metadata_Crop_*``), exactly what :func:`~microsnoop_ray.encode.preprocess.pad_center`
     padded. Planes travel as raw bytes in ``dtype`` (the source's, when it holds the values exactly).
     ``measurements`` (m, D) float64, the objects' CellProfiler measurements, travel on their
     channel-0 rows (column ``cp``). ``site_planes``: the site's planes when some of its cells
@@ -171,7 +171,7 @@ class CropStage:
     gpu : bool
         Run Cellpose on this actor's GPU share.
     on_field : callable(item, image, labels, prepared), optional
-        ``prepared`` is the field's :class:`~microsnoop_ray.fields.PreparedField`;
+        ``prepared`` is the field's :class:`~microsnoop_ray.crop.field.PreparedField`;
         called in-process for every cropped field (QC pictures of ``fields --png``).
     segmenter : callable, optional
         A segmenter already made (:func:`~microsnoop_ray.segment.make_segmenter`); by default the
@@ -212,7 +212,7 @@ class CropStage:
 
     def process(self, row: dict, labels: np.ndarray | None = None) -> dict:
         """One read row (``item``, ``image``, ``error``) -> plane rows (``labels``: segmented already)."""
-        from ..crop import bboxes_from_centres
+        from ..crop.windows import bboxes_from_centres
 
         item: WorkItem = row["item"]
         if row["error"]:
@@ -334,7 +334,7 @@ class EncodeStage:
                  features: tuple[str, ...] = ("microsnoop",)):
         import torch
 
-        from ..encode import Encoder
+        from ..encode.embed import Encoder
         device = device or encode.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -452,7 +452,7 @@ def assemble_cells(rows: dict, channels: list[str], features: tuple[str, ...] = 
     """Plane rows of one site -> one row per object with its channels' features side by side
     (``Metadata_ObjectNumber``, the object columns that are known, then the embedding's columns
     and the CellProfiler columns, as ``features`` asks)."""
-    from ..encode import feature_names
+    from ..encode.embed import feature_names
     c = len(channels)
     order = np.lexsort((rows["channel"], rows["Metadata_ObjectNumber"]))
     first = order[::c]

@@ -8,7 +8,7 @@ Backends
 ``classical``  smoothing, Otsu threshold, distance-transform watershed; needs
                no weights and is the automatic fallback (:func:`segment_classical`).
 Supplied label images and supplied object centres skip segmentation
-(:func:`microsnoop_ray.crop.bboxes_from_centres`).
+(:func:`microsnoop_ray.crop.windows.bboxes_from_centres`).
 """
 from .classical import DIAMETER, segment_classical
 from .cellpose_backend import CellposeSegmenter, convert_cellpose_weights, resolve_cellpose_weights

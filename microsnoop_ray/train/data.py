@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from ..errors import InputError
-from ..preprocess import normalize_percentile, pad_center
+from ..encode.preprocess import normalize_percentile, pad_center
 from ..segment.classical import DIAMETER
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ def cells_from_pool(pool: Pool, suffix: str = "-cells", diameter: float = DIAMET
     This puts cell-sized images padded with zeros (what inference sees in cell-cropping
     mode) into the pool, as the paper's pool held single-cell data sets beside fields.
     """
-    from ..crop import RESCALE_CONSTANT, crop_windows, object_bboxes
+    from ..crop.windows import RESCALE_CONSTANT, crop_windows, object_bboxes
     rescale_constant = RESCALE_CONSTANT if rescale_constant is None else rescale_constant
     from ..segment.classical import segment_classical
     rng = np.random.default_rng(seed)
@@ -209,7 +209,7 @@ def build_pool(sources: Sequence[Mapping]) -> Pool:
 
     Each source is a mapping with ``kind`` (``folder``, ``cells``, ``plate`` or
     ``registry``) and ``path`` (for ``registry``: ``name``, a data set of
-    :func:`~microsnoop_ray.datasets.fetch_package_files`, and ``path`` inside it),
+    :func:`~microsnoop_ray.io.datasets.fetch_package_files`, and ``path`` inside it),
     optionally ``type`` (a fixed image type), ``exclude`` and ``rgb`` (folders), and
     ``derive_cells`` (bool: also add cell crops of its fields as a ``<type>-cells`` type).
     """
@@ -219,7 +219,7 @@ def build_pool(sources: Sequence[Mapping]) -> Pool:
         if kind in ("folder", "registry"):
             path = Path(src["path"])
             if kind == "registry":
-                from ..datasets import fetch_package_files
+                from ..io.datasets import fetch_package_files
                 path = fetch_package_files(src["name"]) / src.get("path", "")
             part = pool_from_folder(path, src.get("type"), exclude=src.get("exclude"), rgb=src.get("rgb", "grey"))
         elif kind == "cells":

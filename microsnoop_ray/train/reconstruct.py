@@ -7,8 +7,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..preprocess import normalize_percentile, pad_center
-from ..qc import save_figure
+from ..encode.preprocess import normalize_percentile, pad_center
+from ..plots import save_figure
 from .masking import mask_patches
 
 
@@ -64,7 +64,7 @@ def reconstruct(model, targets: np.ndarray, patch: int = 16, ratio: float = 0.25
 
 def reconstruction_figure(targets: np.ndarray, result: dict, path: str | Path, titles: Sequence[str] = ()) -> Path:
     """Rows of (original, masked input, reconstruction), like Fig. 2 of the paper."""
-    from ..qc import new_figure
+    from ..plots import new_figure
 
     n = len(targets)
     fig = new_figure(figsize=(7.5, 2.6 * n))
@@ -86,7 +86,7 @@ def reconstruct_files(images, out, weights=None, window: str = "center", channel
     field file; write the figure to ``out`` and return the masked-region MSEs (and two baselines).
     ``weights`` default to the package's MAE network (the default embedding weights have no decoder)."""
     from ..errors import InputError
-    from ..io.fields import read_field
+    from ..io.images import read_field
     from ..model.load import load_model, mae_weights_path
 
     weights = weights if weights is not None else mae_weights_path()

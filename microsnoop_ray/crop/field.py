@@ -1,7 +1,7 @@
 """Whole fields of view into encoder inputs: cell cropping, tile and rescaling modes.
 
 Pure functions on arrays: segmentation happens before (batched across fields,
-see :mod:`microsnoop_ray.segment`); :func:`~microsnoop_ray.encode.profile_field`
+see :mod:`microsnoop_ray.segment`); :func:`~microsnoop_ray.encode.embed.profile_field`
 embeds what :func:`prepare_field` cuts. A field that yields no crops (no cells,
 NaN pixels, a constant image) gives a reason instead: never a zero vector that
 would pollute later aggregation and sphering.
@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
-from .crop import CROP_SIZE, RESCALE_CONSTANT, TILE_OVERLAP, as_chw, crop_cells, rescale_field, tile_field
+from .windows import CROP_SIZE, RESCALE_CONSTANT, TILE_OVERLAP, as_chw, crop_cells, rescale_field, tile_field
 
 MODES = ("cells", "tiles", "rescale")
 

@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .crop import RESCALE_CONSTANT, TILE_OVERLAP, as_chw
-from .errors import InputError
-from .fields import prepare_field
-from .model import MicrosnoopUNet, load_model, EMBED_DIM, INPUT_SIZE
+from ..crop.windows import RESCALE_CONSTANT, TILE_OVERLAP, as_chw
+from ..errors import InputError
+from ..crop.field import prepare_field
+from ..model import MicrosnoopUNet, load_model, EMBED_DIM, INPUT_SIZE
 from .preprocess import pad_center, normalize_percentile, pad_normalize_torch
 
 #: encoder arithmetic: fp32; TF32 matmuls and convolutions (CUDA); bf16 or fp16 autocast
@@ -155,7 +155,7 @@ class Encoder:
         """One-channel crops at their native size and dtype -> (n, 256) float32 embeddings.
 
         Padding to 224 and the percentile normalisation run here, batched, in torch on the
-        encoder's device (:func:`~microsnoop_ray.preprocess.pad_normalize_torch`), equal to
+        encoder's device (:func:`~microsnoop_ray.encode.preprocess.pad_normalize_torch`), equal to
         the NumPy path of :func:`embed` within 1e-5.
         """
         if not len(crops):
@@ -197,7 +197,7 @@ def embed(images, model=None, batch_size: int = 32, device=None, normalization: 
         CPU by default; ``"cuda"`` when asked and present.
     normalization : {"default", "faithful"}
         Degenerate-case handling of the percentile normalisation; see
-        :func:`microsnoop_ray.preprocess.normalize_percentile`.
+        :func:`microsnoop_ray.encode.preprocess.normalize_percentile`.
     source : str
         Name of the input, for error messages.
     progress : bool

@@ -22,11 +22,11 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from .errors import InputError
-from .io.atomic import atomic_path
-from .io.write import read_provenance, write_parquet
-from .profiles.aggregate import feature_columns
-from .profiles.controls import negative_controls
+from ..errors import InputError
+from .atomic import atomic_path
+from .write import read_provenance, write_parquet
+from ..profiles.aggregate import feature_columns
+from ..profiles.controls import negative_controls
 
 LEVELS = ("cells", "wells", "treatments")
 FORMATS = ("h5ad", "plate-parquet")

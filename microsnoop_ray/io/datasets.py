@@ -20,8 +20,8 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from .config import cache_dir
-from .errors import InputError
+from ..config import cache_dir
+from ..errors import InputError
 
 #: name -> (requirement, binary?, member prefix inside the archive, or one member's whole name)
 EXAMPLES = {

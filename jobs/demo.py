@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .io.atomic import write_json
+from microsnoop_ray.io.atomic import write_json
 
 JUMP_CHANNELS = {"DNA": "ch5", "ER": "ch4", "RNA": "ch3", "AGP": "ch1", "Mito": "ch2"}
 
@@ -44,18 +44,6 @@ def load_jump_field(folder: Path) -> tuple[np.ndarray, pd.DataFrame]:
     return image, boxes
 
 
-def untrained_checkpoint(path: Path) -> Path:
-    import torch
-
-    from .model import MicrosnoopUNet, ModelCard, save_model
-
-    torch.manual_seed(0)
-    save_model(MicrosnoopUNet(), path, ModelCard(
-        model_id="microsnoop-UNTRAINED-{hash}", weights_sha256="", training_data="none (random initialisation)",
-        epochs=0, notes="Randomly initialised network for a pipeline check only; its profiles carry no learned biology."))
-    return path
-
-
 CONTRAST_CHANNELS = ("cyto", "nuclei")
 #: where the two stains lie in the scellseg contrast PNGs as OpenCV reads them (BGR order; the third
 #: plane is empty in every image)
@@ -72,7 +60,7 @@ def build_contrast_plate(folder: Path, out: Path, per_set: int = 5) -> tuple[Pat
     """
     import cv2
 
-    from .io.zarr_plate import write_plate
+    from microsnoop_ray.io.zarr_plate import write_plate
 
     fields, labels, rows = {}, {}, []
     for set_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
@@ -92,21 +80,21 @@ def build_contrast_plate(folder: Path, out: Path, per_set: int = 5) -> tuple[Pat
 
 
 def _weights_or_untrained(weights: Path | None, out: Path) -> Path | None:
-    from .model import default_weights_path
+    from microsnoop_ray.model import default_weights_path, save_random_init
 
     if weights is None and default_weights_path() is None:
         print("    WARNING: no trained default weights are shipped and no --weights was given: using a RANDOMLY\n"
               "    INITIALISED network (its model card says so); the profiles carry no learned biology.")
-        return untrained_checkpoint(out / "untrained_random_init.pt")
+        return save_random_init(out / "untrained_random_init.pt")
     return weights
 
 
 def demo_plate(out: Path, weights: Path | None, max_cells: int, num_cpus: int | None) -> dict:
     """The README's main job: a real plate from the package index through the whole pipeline."""
-    from .datasets import fetch_package_files
-    from .pipeline.executors import ray_runtime
-    from .pipeline.plate_job import ProfileConfig, run_profile
-    from .report import write_report
+    from microsnoop_ray.io.datasets import fetch_package_files
+    from microsnoop_ray.pipeline.executors import ray_runtime
+    from microsnoop_ray.pipeline.plate_job import ProfileConfig, run_profile
+    from microsnoop_ray.pipeline.run_report import write_run_report
 
     t0 = time.perf_counter()
     print("1/3 fetching real fluorescence images with instance masks from the package index (scellseg 0.1.8 sdist)")
@@ -124,7 +112,7 @@ def demo_plate(out: Path, weights: Path | None, max_cells: int, num_cpus: int | 
     with ray_runtime(num_cpus=num_cpus):
         summary = run_profile(cfg)
     print("3/3 writing the report")
-    rep = write_report(out, summary, color_by="Metadata_cell_type")
+    rep = write_run_report(out, summary, color_by="Metadata_cell_type")
     summary["report"] = str(rep)
     summary["total_seconds"] = round(time.perf_counter() - t0, 1)
     write_json(summary, out / "summary.json")
@@ -137,7 +125,7 @@ def demo_plate(out: Path, weights: Path | None, max_cells: int, num_cpus: int | 
 
 def _site_profiles(out: Path, model_id: str, fit_sites=(1, 3)) -> tuple[pd.DataFrame, dict]:
     """Site profiles of every site file, and per plate the DMSO cells of the fitting sites."""
-    from .profiles.aggregate import SITE_KEYS, aggregate, feature_columns
+    from microsnoop_ray.profiles.aggregate import SITE_KEYS, aggregate, feature_columns
     rows, fit_cells = [], {}
     for f in sorted((out / "embeddings" / model_id).glob("*/*/*/embeddings.parquet")):
         cells = pd.read_parquet(f)
@@ -187,8 +175,8 @@ def heldout_separation(out: Path, model_id: str, regularization: str = "faithful
     (``"cells"``) of sites 1 and 3, and applied to the site profiles of DMSO sites 2 and 4 and
     of every drug site (see :func:`separation`).
     """
-    from .profiles.aggregate import feature_columns
-    from .profiles.sphering import fit_and_transform
+    from microsnoop_ray.profiles.aggregate import feature_columns
+    from microsnoop_ray.profiles.sphering import fit_and_transform
 
     sites, fit_cells = _site_profiles(out, model_id)
     feats = feature_columns(sites)
@@ -214,9 +202,9 @@ def heldout_separation(out: Path, model_id: str, regularization: str = "faithful
 def demo_bbbc021(out: Path, weights: Path | None, max_cells: int, num_cpus: int | None,
                  regularization: str = "faithful", epsilon: float | None = None) -> dict:
     """The BBBC021 mini-screen: 6 plates, DMSO in each, cycloheximide at 3 doses (pre-cropped cells)."""
-    from .pipeline.executors import ray_runtime
-    from .pipeline.plate_job import ProfileConfig, run_profile
-    from .report import write_report
+    from microsnoop_ray.pipeline.executors import ray_runtime
+    from microsnoop_ray.pipeline.plate_job import ProfileConfig, run_profile
+    from microsnoop_ray.pipeline.run_report import write_run_report
 
     data = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bbbc021_chx"
     if not (data / "cells.npz").exists():
@@ -237,7 +225,7 @@ def demo_bbbc021(out: Path, weights: Path | None, max_cells: int, num_cpus: int 
         })
     with ray_runtime(num_cpus=num_cpus):
         summary = run_profile(cfg)
-    from .profiles.aggregate import feature_columns
+    from microsnoop_ray.profiles.aggregate import feature_columns
 
     wells = {k: pd.concat([pd.read_parquet(out / o["path"]) for o in summary["outputs"] if o["level"] == level])
              for k, level in (("raw", "well"), ("sphered", "well (sphered)"))}
@@ -249,7 +237,7 @@ def demo_bbbc021(out: Path, weights: Path | None, max_cells: int, num_cpus: int 
                                     "sites, so the DMSO wells are the fit data (in-sample)"},
         "sites_held_out": heldout_separation(out, summary["model_id"], regularization, epsilon),
         "max_cells_per_site": max_cells}
-    rep = write_report(out, summary, color_by="Metadata_Compound", extra=measured)
+    rep = write_run_report(out, summary, color_by="Metadata_Compound", extra=measured)
     summary["mini_screen"] = measured
     summary["report"] = str(rep)
     summary["total_seconds"] = round(time.perf_counter() - t0, 1)

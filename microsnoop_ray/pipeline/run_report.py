@@ -1,5 +1,5 @@
 """The report folder of a profiling run: plate layout with cell counts, PCA of well profiles,
-and the table of outputs (pure functions on DataFrames; matplotlib, no display)."""
+and the table of outputs (the pictures come from :mod:`microsnoop_ray.plots`)."""
 from __future__ import annotations
 
 import json
@@ -9,68 +9,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .profiles.aggregate import feature_columns
-from .qc import new_figure, save_figure
-
-
-def plate_layout_png(wells: pd.DataFrame, path: str | Path, title: str = "",
-                     skipped: Sequence[str] = ()) -> Path:
-    """A plate heat map of ``Metadata_Object_Count`` per well, counts written in the wells.
-
-    ``skipped`` wells (no profile) are drawn hatched.
-    """
-    from matplotlib.patches import Rectangle
-
-    rows = sorted(set(wells["Metadata_Row"]) | {w[0] for w in skipped}, key=lambda r: (len(r), r))
-    cols = sorted(set(int(c) for c in wells["Metadata_Column"]) | {int(w[1:]) for w in skipped})
-    grid = np.full((len(rows), len(cols)), np.nan)
-    for r in wells.itertuples():
-        grid[rows.index(r.Metadata_Row), cols.index(int(r.Metadata_Column))] = r.Metadata_Object_Count
-    fig = new_figure(figsize=(1.0 + 0.55 * len(cols), 1.0 + 0.5 * len(rows)))
-    ax = fig.subplots()
-    im = ax.imshow(grid, cmap="viridis")
-    for i in range(len(rows)):
-        for j in range(len(cols)):
-            v = grid[i, j]
-            ax.text(j, i, "-" if np.isnan(v) else f"{int(v)}", ha="center", va="center", fontsize=7,
-                    color="white" if np.isnan(v) or v < np.nanmax(grid) * 0.6 else "black")
-    for w in skipped:
-        if w[0] in rows and int(w[1:]) in cols:
-            ax.add_patch(Rectangle((cols.index(int(w[1:])) - 0.5, rows.index(w[0]) - 0.5), 1, 1, fill=False,
-                                       hatch="///", edgecolor="red"))
-    ax.set_xticks(range(len(cols)), [f"{c:02d}" for c in cols], fontsize=7)
-    ax.set_yticks(range(len(rows)), rows, fontsize=7)
-    ax.set_title(title or "cells per well", fontsize=9)
-    fig.colorbar(im, ax=ax, shrink=0.8, label="cells")
-    return save_figure(fig, path, dpi=110)
-
-
-def pca(X: np.ndarray, k: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Principal components of standardised features: (scores (n, k), explained variance ratios (k,))."""
-    X = np.asarray(X, np.float64)
-    sd = X.std(axis=0)
-    Z = (X - X.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
-    U, S, _ = np.linalg.svd(Z, full_matrices=False)
-    var = S ** 2 / max(1e-12, (S ** 2).sum())
-    return U[:, :k] * S[:k], var[:k]
-
-
-def pca_png(profiles: pd.DataFrame, color_by: str, path: str | Path, title: str = "") -> Path:
-    """Scatter of the first two principal components of the profiles, coloured by a metadata column."""
-    import matplotlib
-
-    scores, var = pca(profiles[feature_columns(profiles)].to_numpy())
-    labels = profiles[color_by].astype(str).to_numpy()
-    fig = new_figure(figsize=(5.5, 4.5))
-    ax = fig.subplots()
-    for i, lab in enumerate(sorted(set(labels))):
-        m = labels == lab
-        ax.scatter(scores[m, 0], scores[m, 1], s=28, label=lab, color=matplotlib.colormaps["tab10"](i % 10))
-    ax.set_xlabel(f"PC1 ({var[0]:.0%})")
-    ax.set_ylabel(f"PC2 ({var[1]:.0%})" if len(var) > 1 else "PC2")
-    ax.legend(fontsize=7, title=color_by.removeprefix("Metadata_"), title_fontsize=7)
-    ax.set_title(title or "well profiles", fontsize=9)
-    return save_figure(fig, path)
+from ..profiles.aggregate import feature_columns
+from ..plots import pca_png, plate_layout_png
 
 
 def _num(v, fmt: str = ".3g") -> str:
@@ -97,7 +37,7 @@ def sphering_lines(sph: dict | None) -> list[str]:
     return lines + [""]
 
 
-def write_report(out: str | Path, summary: dict, color_by: str | None = None, extra: dict | None = None) -> Path:
+def write_run_report(out: str | Path, summary: dict, color_by: str | None = None, extra: dict | None = None) -> Path:
     """``report/``: one layout PNG per plate, a PCA PNG of all well profiles, ``README.md`` with the tables."""
     out = Path(out)
     rep = out / "report"
