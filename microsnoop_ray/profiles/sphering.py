@@ -280,8 +280,8 @@ def sphere_profiles(profiles: pd.DataFrame, controls: pd.Series | np.ndarray | N
     if scope not in SCOPES:
         raise ValueError(f"sphering scope must be one of {SCOPES}, not {scope!r}")
     feats = feature_columns(profiles)
-    out = profiles.copy()
-    out[feats] = out[feats].astype(np.float64)
+    X = profiles[feats].to_numpy(np.float64)
+    sphered = X.copy()  # one array, written per group: pandas would check dtypes column by column
     if fit_on is None:
         if controls is None:
             if "Metadata_pert_type" not in profiles:
@@ -290,16 +290,16 @@ def sphere_profiles(profiles: pd.DataFrame, controls: pd.Series | np.ndarray | N
         fit_on = profiles[np.asarray(controls, dtype=bool)]
     key = {"plate": "Metadata_Plate", "batch": "Metadata_Batch", "global": None}[scope]
     fits = []
-    groups = [(None, profiles.index)] if key is None else list(profiles.groupby(key, sort=True).groups.items())
-    for group, index in groups:
+    groups = ([(None, np.arange(len(profiles)))] if key is None
+              else sorted(profiles.groupby(key).indices.items(), key=lambda kv: kv[0]))  # positions, not labels
+    for group, rows in groups:
         ctrl = fit_on if key is None else fit_on[fit_on[key] == group]
         where = "all plates" if key is None else f"{scope} {group}"
         if len(ctrl) < min_controls:
             raise ValueError(f"{where}: {len(ctrl)} negative-control profile(s), at least {min_controls} needed to fit "
                              f"sphering (use scope 'batch' or 'global', or fit on control cells)")
-        Y, described = fit_and_transform(ctrl[feats].to_numpy(np.float64), profiles.loc[index, feats].to_numpy(),
-                                         method, regularization, epsilon)
-        out.loc[index, feats] = Y
+        sphered[rows], described = fit_and_transform(ctrl[feats].to_numpy(np.float64), X[rows], method,
+                                                     regularization, epsilon)
         fit = {"scope": scope, "group": None if group is None else str(group), **described}
         if fit["fewer_controls_than_features"]:
             fit["warning"] = (f"{where}: {fit['n_controls']} controls for {fit['n_features']} varying features "
@@ -307,5 +307,6 @@ def sphere_profiles(profiles: pd.DataFrame, controls: pd.Series | np.ndarray | N
                               f"regularisation {regularization} (epsilon {fit['epsilon']})")
             log.warning("sphering %s", fit["warning"])
         fits.append(fit)
-    out[feats] = out[feats].astype(np.float32)
+    out = profiles.copy()
+    out[feats] = sphered.astype(np.float32)
     return out, fits
