@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import InputError, MicrosnoopError
 from .pipeline.config import add_arguments
-from .profiles.sphering import DEFAULT_REGULARIZATION as REGULARIZATION_DEFAULT, REGULARIZATIONS
+from .profiles.sphering import DEFAULT_REGULARIZATION as REGULARIZATION_DEFAULT, REGULARIZATIONS, SCOPES
 
 log = logging.getLogger("microsnoop_ray")
 
@@ -321,7 +321,7 @@ def _add_evaluate(sub) -> None:
     q.add_argument("--concentration", default="Metadata_Concentration")
     q.add_argument("--batch-rule", dest="batch_rule", choices=["batch", "plate"], default="batch",
                    help="batch = Metadata_Batch (the week); plate = the reference's plate-string rule")
-    q.add_argument("--sphere", choices=["none", "plate", "batch", "global"], default="none",
+    q.add_argument("--sphere", choices=("none",) + SCOPES, default="none",
                    help="sphere well profiles on their negative controls first")
     q.add_argument("--sphere-regularization", choices=REGULARIZATIONS, default=None,
                    help="mean-eigenvalue (default), shrinkage (Ledoit-Wolf), epsilon (fixed), faithful (reference)")

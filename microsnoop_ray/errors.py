@@ -5,6 +5,12 @@ is wrong, so that a job can log it, put it in the ``skipped`` table, and go on.
 """
 from __future__ import annotations
 
+#: What a row of ``skipped.csv`` is about: a site that gave no profile, a cell left out of its site, a
+#: field listed twice among the inputs, a plate-map row that matches no well. Only an InputError (or
+#: one of these accountings) becomes such a row.
+SKIP_KINDS = ("site not profiled", "cell left out", "duplicate field", "plate map")
+SITE_NOT_PROFILED, CELL_LEFT_OUT, DUPLICATE_FIELD, PLATE_MAP = SKIP_KINDS
+
 
 class MicrosnoopError(Exception):
     """Base class of every error this package raises on purpose."""

@@ -90,3 +90,24 @@ def test_embed_errors_are_one_clear_line(tmp_path, published_ckpt, case, problem
     named = weights if case == "weights" else src
     assert str(named) in lines[0]
     assert not (tmp_path / "o.parquet").exists()
+
+
+@pytest.mark.slow
+def test_a_plain_profile_prints_only_its_own_lines(transfluor_plate, untrained_weights, tmp_path):
+    """A first run on a machine (a fresh HOME: no Ray token yet) prints the job's lines and nothing of Ray:
+    no token-authentication notice, no Ray warnings; they go to the log file."""
+    import os
+
+    plate, platemap = transfluor_plate
+    env = {**os.environ, "HOME": str(tmp_path / "home")}
+    env.pop("RAY_ADDRESS", None)
+    r = subprocess.run([sys.executable, "-m", "microsnoop_ray.cli", "profile", str(plate), "--platemap", str(platemap),
+                        "--out", str(tmp_path / "out"), "--weights", str(untrained_weights), "--segmenter", "classical",
+                        "--max-cells-per-site", "2", "--num-cpus", "2"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode in (0, 3), r.stderr[-3000:]  # 3: some site had no cell (listed in skipped.csv)
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
+    ours = ("microsnoop-ray profile:", "  Transfluor", "profiles in ")
+    assert lines and all(line.startswith(ours) or " WARNING microsnoop_ray." in line for line in lines), lines
+    assert (tmp_path / "home" / ".ray" / "auth_token").exists()  # token authentication stayed on
+    assert (tmp_path / "out" / "logs" / "profile.log").stat().st_size > 0  # Ray's messages went there

@@ -70,18 +70,3 @@ def npz_columns(path: str | Path, n: int, skip: str = "images") -> dict[str, np.
     """The 1-D members of length ``n`` of an ``.npz`` (per-image metadata beside ``images``)."""
     with np.load(path, allow_pickle=False) as data:
         return {k: data[k] for k in data.files if k != skip and data[k].ndim == 1 and len(data[k]) == n}
-
-
-def read_metadata_table(path: str | Path, n: int) -> pd.DataFrame:
-    """A CSV/Parquet table with one row per image; columns get the ``Metadata_`` prefix."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "metadata table does not exist")
-    try:
-        df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-    except Exception as exc:
-        raise InputError(path, f"cannot read metadata table ({exc})") from None
-    if len(df) != n:
-        raise InputError(path, f"metadata table has {len(df)} rows but the input has {n} images")
-    df.columns = [c if str(c).startswith("Metadata_") else f"Metadata_{c}" for c in df.columns]
-    return df.reset_index(drop=True)

@@ -23,10 +23,10 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import pandas as pd
 
-from ..errors import InputError
+from ..errors import DUPLICATE_FIELD, InputError
 from .arrays import TIFF_SUFFIXES, load_array, npz_columns, read_tiff
 from .images import read_field
-from .tables import read_cell_array, read_image_table, sample_per_group
+from .tables import read_cell_array, read_image_table, sample_per_group, with_metadata_prefix
 from .zarr_plate import FieldRef, open_plate
 
 #: Suffixes of image files read as whole fields (``read_field``).
@@ -308,7 +308,7 @@ def list_sources(inputs: Sequence[str | Path], batch: str = "default", nuclei_ch
             keys = ["Metadata_Plate", "Metadata_Well", "Metadata_Site"]
             dup = table.duplicated(keys, keep="first")
             problems += [{"Metadata_Plate": r.Metadata_Plate, "Metadata_Well": r.Metadata_Well,
-                          "Metadata_Site": int(r.Metadata_Site), "kind": "duplicate field",
+                          "Metadata_Site": int(r.Metadata_Site), "kind": DUPLICATE_FIELD,
                           "reason": f"duplicate field in {path.name}; the first row was used"}
                          for r in table[dup].itertuples(index=False)]
             for name, sub in table[~dup].groupby("Metadata_Plate", sort=True):
@@ -416,6 +416,5 @@ def read_image_stack(path: str | Path) -> tuple[object, pd.DataFrame]:
         images = load_array(path)
         n = len(images) if images.ndim else 0
         meta = {} if suffix == ".npy" else npz_columns(path, n)
-        meta = {k if k.startswith("Metadata_") else f"Metadata_{k}": v for k, v in meta.items()}
-        return images, pd.DataFrame(meta, index=range(n))
+        return images, with_metadata_prefix(pd.DataFrame(meta, index=range(n)))
     raise InputError(path, f"unsupported input type '{suffix}': expected .npy, .npz or a folder of TIFFs")

@@ -65,6 +65,14 @@ def with_metadata_prefix(df: pd.DataFrame) -> pd.DataFrame:
     return df.rename(columns={c: c if str(c).startswith("Metadata_") else f"Metadata_{c}" for c in df.columns})
 
 
+def read_metadata_table(path: str | Path, n: int) -> pd.DataFrame:
+    """A table (:func:`read_table`) with one row per image; columns get the ``Metadata_`` prefix."""
+    df = read_table(path)
+    if len(df) != n:
+        raise InputError(path, f"metadata table has {len(df)} rows but the input has {n} images")
+    return with_metadata_prefix(df).reset_index(drop=True)
+
+
 def read_image_table(path: str | Path, plate: str | None = None) -> tuple[pd.DataFrame, list[str]]:
     """One row per field with one file per channel.
 

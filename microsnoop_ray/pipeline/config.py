@@ -28,12 +28,13 @@ from ..features.cellprofiler import parse_feature_sets
 from ..crop.field import MODES
 from ..io.sources import CELLS_PER_CHUNK
 from ..encode.preprocess import NORMALIZATION_MODES as NORMALIZATIONS
-from ..profiles.sphering import DEFAULT_REGULARIZATION, REGULARIZATIONS
+from ..profiles.aggregate import METHODS as AGGREGATIONS
+from ..profiles.sphering import DEFAULT_REGULARIZATION, REGULARIZATIONS, SCOPES
 from ..segment import DIAMETER, SEGMENTERS
 
-AGGREGATIONS = ("mean", "median")
 DEVICES = ("auto", "cpu", "cuda")
-SPHERING_SCOPES = ("plate", "batch", "global", "none")
+#: the sphering scopes, and "none" for profiles left unsphered
+SPHERING_SCOPES = SCOPES + ("none",)
 
 
 def option(default, help: str = "", choices=None, flag: str | None = "", **kw):

@@ -10,7 +10,8 @@ import pandas as pd
 
 from ..encode.embed import Encoder, check_images, embed, feature_names
 from ..errors import InputError
-from ..io.arrays import load_array, read_metadata_table
+from ..io.arrays import load_array
+from ..io.tables import read_metadata_table
 from ..io.sources import read_image_stack
 from ..io.write import profile_table, write_parquet
 from .config import EncodeConfig

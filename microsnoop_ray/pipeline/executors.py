@@ -26,10 +26,9 @@ def ray_runtime(address: str | None = None, num_cpus: int | None = None, verbose
     """Ray for one command: the running one, the cluster at ``address`` (or ``$RAY_ADDRESS``), or an
     embedded local Ray started for the block and stopped after it.
 
-    Ray's own console output (its log records, and worker output unless ``verbose``) stays off the
-    terminal. A new local Ray turns token authentication on by default and says so on every run;
-    here the same mode is set explicitly (``RAY_AUTH_MODE=token``, only when the user has not chosen
-    one), which keeps the protection and drops the notice.
+    Ray's own console output stays off the terminal unless ``verbose``: its log records below ERROR
+    (among them the token-authentication notice a new local Ray prints on every run; token
+    authentication itself stays on, Ray's default) and the output of its workers.
     """
     import ray
 
@@ -41,7 +40,6 @@ def ray_runtime(address: str | None = None, num_cpus: int | None = None, verbose
     if address:
         ray.init(address=address, **quiet)
     else:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet,
                  object_store_memory=object_store_mb * 2**20 if object_store_mb else None)
     try:

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from ..errors import CELL_LEFT_OUT, SITE_NOT_PROFILED
 from ..io.images import read_centres
 from ..io.sources import FileField, SiteKey
 from ..io.write import write_parquet
@@ -81,11 +82,11 @@ def run_fields(cfg: ProfileConfig, masks: Sequence[str | Path] | None = None, ce
     def write_site(key: SiteKey, cells: pd.DataFrame, dropped: list, rejected: int) -> None:
         cell_tables.append(site_table(key, cells, model_id, cfg.batch, files.get(key)))
         field_rows.append((key, len(cells), rejected, cells[feature_columns(cells)].to_numpy().mean(axis=0)))
-        skipped.extend(skipped_row(key, "cell left out", d["reason"], files.get(key)) for d in dropped)
+        skipped.extend(skipped_row(key, CELL_LEFT_OUT, d["reason"], files.get(key)) for d in dropped)
         progress_print(f"{files.get(key) or key}: {len(cells)} {cfg.crop.mode}")
 
     def write_skip(key: SiteKey, reason: str) -> None:
-        skipped.append(skipped_row(key, "site not profiled", reason, files.get(key)))
+        skipped.append(skipped_row(key, SITE_NOT_PROFILED, reason, files.get(key)))
         progress_print(f"{files.get(key) or key}: skipped: {reason}")
 
     collector = SiteCollector(write_site, write_skip, {p: i.channels for p, i in work.plates.items()},
@@ -112,7 +113,7 @@ def run_fields(cfg: ProfileConfig, masks: Sequence[str | Path] | None = None, ce
                                                columns=feats)], axis=1)
         outputs.append(write_parquet(fields, out / "fields.parquet", prov))
     write_skipped(skipped, out / "skipped.csv")
-    n_skipped = sum(1 for s in skipped if s["kind"] == "site not profiled")
+    n_skipped = sum(1 for s in skipped if s["kind"] == SITE_NOT_PROFILED)
     progress_print(f"{len(field_rows)} fields profiled, {n_skipped} skipped (see {out / 'skipped.csv'})")
     return {"fields": len(field_rows), "skipped": len(skipped), "cells": int(sum(n for _, n, _, _ in field_rows)),
             "seconds": round(time.perf_counter() - t0, 2), "outputs": [str(p) for p in outputs]}

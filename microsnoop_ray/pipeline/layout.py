@@ -28,9 +28,9 @@ from ..io.sources import SiteKey
 from ..io.write import write_parquet
 from ..io.zarr_plate import split_well
 
-#: Columns of ``skipped.csv`` (``profile`` and ``fields``); ``kind`` is one of :data:`SKIP_KINDS`.
+#: Columns of ``skipped.csv`` (``profile`` and ``fields``); ``kind`` is one of
+#: :data:`~microsnoop_ray.errors.SKIP_KINDS`.
 SKIPPED_COLUMNS = ["Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_FileName", "kind", "reason"]
-SKIP_KINDS = ("site not profiled", "cell left out", "duplicate field", "plate map")
 #: The site's own columns, first in every per-cell table; a plate map's columns follow them.
 SITE_COLUMNS = ["Metadata_Batch", "Metadata_Plate", "Metadata_Well", "Metadata_Row", "Metadata_Column",
                 "Metadata_Site", "Metadata_FileName", "Metadata_Model"]

@@ -11,7 +11,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from ..errors import InputError
+from ..errors import CELL_LEFT_OUT, PLATE_MAP, SITE_NOT_PROFILED, InputError
 from ..io.sources import PlateInfo
 from ..io.tables import join_platemap
 from ..io.write import write_parquet
@@ -39,9 +39,9 @@ def read_sites(layout: Layout, plates: dict[str, PlateInfo], method: str = "mean
                 feats = feature_columns(cells)
                 nan_values += int(cells[feats].isna().to_numpy().sum())
                 rows.append(aggregate(cells[keys + feats], keys, method))
-                skipped += [skipped_row(key, "cell left out", c["reason"]) for c in dropped]
+                skipped += [skipped_row(key, CELL_LEFT_OUT, c["reason"]) for c in dropped]
             else:
-                skipped.append(skipped_row(key, "site not profiled",
+                skipped.append(skipped_row(key, SITE_NOT_PROFILED,
                                            reason or "not processed (interrupted run? rerun the same command)"))
     sites = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
     return sites, skipped, nan_values
@@ -69,7 +69,7 @@ def postprocess(cfg: ProfileConfig, plates: dict[str, PlateInfo], layout: Layout
     wells, map_problems = join_platemap(wells, platemap)
     wells = wells.drop(columns=["Metadata_Model"], errors="ignore")
     wells.insert(3, "Metadata_Model", layout.model_id)
-    skipped += [skipped_row((p["Metadata_Plate"], p["Metadata_Well"], None), "plate map", p["reason"])
+    skipped += [skipped_row((p["Metadata_Plate"], p["Metadata_Well"], None), PLATE_MAP, p["reason"])
                 for p in map_problems]
     wells, summary["nonfinite"] = drop_undefined(wells, nan_values)
     constant = constant_features(sites[[c for c in sites.columns if c in wells.columns]], plates)
@@ -127,9 +127,9 @@ def postprocess(cfg: ProfileConfig, plates: dict[str, PlateInfo], layout: Layout
             "batch": info.batch, "wells": int(s["Metadata_Well"].nunique()), "sites": int(len(s)),
             "cells": int(s["Metadata_Object_Count"].sum()),
             "sites_skipped": int(sum(1 for k in skipped if k["Metadata_Plate"] == plate
-                                     and k["kind"] == "site not profiled"))}
-    summary["skipped"] = sum(1 for k in skipped if k["kind"] != "plate map")
-    summary["plate_map_problems"] = sum(1 for k in skipped if k["kind"] == "plate map")
+                                     and k["kind"] == SITE_NOT_PROFILED))}
+    summary["skipped"] = sum(1 for k in skipped if k["kind"] != PLATE_MAP)
+    summary["plate_map_problems"] = sum(1 for k in skipped if k["kind"] == PLATE_MAP)
     return summary
 
 
