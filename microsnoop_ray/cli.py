@@ -10,6 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .config import add_dataclass_arguments, given_options
 from .errors import InputError, MicrosnoopError
 from .pipeline.config import add_arguments
 from .profiles.sphering import DEFAULT_REGULARIZATION as REGULARIZATION_DEFAULT, REGULARIZATIONS, SCOPES
@@ -103,17 +104,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .train.loop import TrainConfig, train_local, train_with_ray
 
-    options = load_config(args.config)
-    for key in ("name", "storage_path", "init", "output", "nepoch", "warmup", "stop_epoch", "epoch_size", "input_size",
-                "batch_size", "threads", "loader_workers", "lr", "lr_rule", "loss", "skips", "mask_ratio", "patch_size",
-                "amp_dtype"):
-        value = getattr(args, key)
-        if value is not None:
-            options[key] = str(value) if isinstance(value, Path) else value
-    if args.workers is not None:
-        options["num_workers"] = args.workers
-    if args.gpu:
-        options["use_gpu"] = True
+    options = {**load_config(args.config), **given_options(args, TrainConfig)}
     try:
         cfg = TrainConfig.from_mapping(options)
     except (TypeError, ValueError) as exc:
@@ -133,35 +124,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub) -> None:
+    from .train.loop import TrainConfig
+
     t = sub.add_parser("train", help="masked-image pretraining (plain process or Ray Train)",
-                       description="Restarting with the same --name and --storage-path resumes from the last "
-                                   "per-epoch checkpoint.")
+                       description="Every option can also be set in --config. Restarting with the same --name "
+                                   "and --storage-path resumes from the last per-epoch checkpoint.")
     t.add_argument("--config", type=Path, default=None, help="YAML or TOML with the TrainConfig options")
-    t.add_argument("--name", default=None)
-    t.add_argument("--storage-path", dest="storage_path", type=Path, default=None)
-    t.add_argument("--init", default=None,
-                   help="start from these weights (fine-tuning); cellpose:PATH converts a Cellpose 3 or scellseg file")
-    t.add_argument("--lr", type=float, default=None, help="base learning rate (paper: 1e-3 at batch 16)")
-    t.add_argument("--lr-rule", dest="lr_rule", choices=("none", "linear", "sqrt"), default=None,
-                   help="scale --lr with the batch size relative to 16")
-    t.add_argument("--loss", choices=("all", "masked"), default=None, help="MSE over all pixels (paper) or masked")
-    t.add_argument("--skips", choices=("keep", "drop", "noise"), default=None,
-                   help="shallow skip connections while pretraining (inference is unchanged)")
-    t.add_argument("--mask-ratio", dest="mask_ratio", type=float, default=None)
-    t.add_argument("--patch-size", dest="patch_size", type=int, default=None)
-    t.add_argument("--amp-dtype", dest="amp_dtype", choices=("float16", "bfloat16"), default=None)
-    t.add_argument("--output", type=Path, default=None, help="where to write the final weights")
-    t.add_argument("--nepoch", type=int, default=None)
-    t.add_argument("--stop-epoch", dest="stop_epoch", type=int, default=None)
-    t.add_argument("--epoch-size", dest="epoch_size", type=int, default=None)
-    t.add_argument("--input-size", dest="input_size", type=int, default=None)
-    t.add_argument("--batch-size", dest="batch_size", type=int, default=None)
-    t.add_argument("--warmup", type=int, default=None, help="warm-up epochs (METHOD: 40 of 1,000)")
-    t.add_argument("--threads", type=int, default=None)
-    t.add_argument("--loader-workers", dest="loader_workers", type=int, default=None,
-                   help="processes that augment batches (0: in the training process)")
-    t.add_argument("--workers", type=int, default=None, help="Ray Train workers (with --ray)")
-    t.add_argument("--gpu", action="store_true", help="train on GPU(s)")
+    add_dataclass_arguments(t, TrainConfig)
     t.add_argument("--ray", action=argparse.BooleanOptionalAction, default=False,
                    help="run as a Ray Train TorchTrainer (default: one plain process)")
     t.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")

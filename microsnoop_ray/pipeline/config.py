@@ -22,6 +22,7 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..config import add_field_argument, flag_of, option
 from ..crop.windows import BORDER_MODES, RESCALE_CONSTANT, TILE_OVERLAP
 from ..encode.embed import PRECISIONS
 from ..features.cellprofiler import parse_feature_sets
@@ -35,15 +36,6 @@ from ..segment import DIAMETER, SEGMENTERS
 DEVICES = ("auto", "cpu", "cuda")
 #: the sphering scopes, and "none" for profiles left unsphered
 SPHERING_SCOPES = SCOPES + ("none",)
-
-
-def option(default, help: str = "", choices=None, flag: str | None = "", **kw):
-    """A config field: its default, help text, choices, and its flag (``""``: derived from the name;
-    None: config file only)."""
-    meta = {"help": help, "choices": choices, "flag": flag}
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
-    return dataclasses.field(default=default, metadata=meta, **kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,26 +275,6 @@ def _split(d: Mapping[str, Any]) -> tuple[dict, dict[str, dict]]:
 
 # --------------------------------------------------------------------------- command-line flags
 
-def _flag(sec: str | None, f: dataclasses.Field) -> str | None:
-    flag = f.metadata.get("flag", "")
-    if flag is None:
-        return None
-    if flag:
-        return flag
-    return "--" + (f"sphering-{f.name}" if sec == "sphering" else f.name).replace("_", "-")
-
-
-def _arg_type(annotation):
-    hint = str(annotation)
-    if "bool" in hint:
-        return bool
-    if "float" in hint:
-        return float
-    if "int" in hint and "str" not in hint:
-        return int
-    return str
-
-
 def add_arguments(parser: argparse.ArgumentParser, sections=("top", *SECTIONS), top=None) -> None:
     """Add one flag per config field of ``sections`` (``"top"``: the top-level options; ``top``: only
     these of them, and implies ``"top"``). Every flag defaults to None (not given), so a config file's
@@ -318,20 +290,10 @@ def add_arguments(parser: argparse.ArgumentParser, sections=("top", *SECTIONS), 
         for f in dataclasses.fields(cls):
             if sec == "top" and (f.name in SECTIONS or (top is not None and f.name not in top)):
                 continue
-            flag = _flag(None if sec == "top" else sec, f)
+            flag = flag_of(f, "sphering-" if sec == "sphering" else "")
             if flag is None:
                 continue
-            kind = _arg_type(hints[sec][f.name])
-            default = f.default if f.default is not dataclasses.MISSING else None
-            helptext = f.metadata.get("help", "") + ("" if default is None else f" (default {default})")
-            dest = f.name if sec == "top" else f"{sec}.{f.name}"
-            if kind is bool:
-                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
-                                   help=helptext.replace("%", "%%"))
-            else:
-                group.add_argument(flag, dest=dest, type=kind, default=None, choices=f.metadata.get("choices"),
-                                   metavar=None if f.metadata.get("choices") else f.name.upper(),
-                                   help=helptext.replace("%", "%%"))
+            add_field_argument(group, f, flag, f.name if sec == "top" else f"{sec}.{f.name}", hints[sec][f.name])
 
 
 def options_from_args(args: argparse.Namespace) -> dict:
