@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from microsnoop_ray.io.atomic import write_json
+from microsnoop_ray.pipeline.layout import WELL, WELL_SPHERED
 
 JUMP_CHANNELS = {"DNA": "ch5", "ER": "ch4", "RNA": "ch3", "AGP": "ch1", "Mito": "ch2"}
 
@@ -228,7 +229,7 @@ def demo_bbbc021(out: Path, weights: Path | None, max_cells: int, num_cpus: int 
     from microsnoop_ray.profiles.aggregate import feature_columns
 
     wells = {k: pd.concat([pd.read_parquet(out / o["path"]) for o in summary["outputs"] if o["level"] == level])
-             for k, level in (("raw", "well"), ("sphered", "well (sphered)"))}
+             for k, level in (("raw", WELL), ("sphered", WELL_SPHERED))}
     feats = feature_columns(wells["raw"])
     measured = {
         "wells_in_sample": {"before_sphering": separation(wells["raw"], feats),

@@ -350,7 +350,7 @@ def _add_report(sub) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .io.export import export
+    from .pipeline.export import export
 
     for f in export(args.out, args.format, args.to, args.level, args.pca, args.pca_fit):
         print(f)

@@ -19,7 +19,7 @@ from ..profiles.aggregate import SITE_KEYS, WELL_KEYS, aggregate, feature_column
 from ..profiles.controls import negative_controls
 from ..profiles.sphering import sphere_profiles
 from .config import ProfileConfig
-from .layout import Layout, skipped_row, write_skipped
+from .layout import TREATMENT, WELL, WELL_SPHERED, Layout, skipped_row, write_skipped
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,8 @@ def postprocess(cfg: ProfileConfig, plates: dict[str, PlateInfo], layout: Layout
     for plate, sub in wells.groupby("Metadata_Plate", sort=True):
         info = plates[plate]
         path = write_parquet(sub.reset_index(drop=True), layout.plate_dir(info.batch, plate) / f"{plate}.parquet",
-                             {**prov, "channels": info.channels, "level": "well"})
-        summary["outputs"].append({"level": "well", "plate": plate, "path": str(path.relative_to(layout.root)),
+                             {**prov, "channels": info.channels, "level": WELL})
+        summary["outputs"].append({"level": WELL, "plate": plate, "path": str(path.relative_to(layout.root)),
                                    "rows": len(sub)})
     final = wells
     sph = cfg.sphering
@@ -107,18 +107,18 @@ def postprocess(cfg: ProfileConfig, plates: dict[str, PlateInfo], layout: Layout
             info = plates[plate]
             path = write_parquet(sub.reset_index(drop=True),
                                  layout.plate_dir(info.batch, plate) / f"{plate}_sphered.parquet",
-                                 {**prov, "channels": info.channels, "level": "well", "sphering":
+                                 {**prov, "channels": info.channels, "level": WELL, "sphering":
                                   [f for f in summary["sphering"]["fits"] if f["group"] in (None, plate, info.batch)]})
-            summary["outputs"].append({"level": "well (sphered)", "plate": plate,
+            summary["outputs"].append({"level": WELL_SPHERED, "plate": plate,
                                        "path": str(path.relative_to(layout.root)), "rows": len(sub)})
     keys = [k for k in cfg.treatment_keys if k in final.columns]
     if keys and len(keys) == len(cfg.treatment_keys):
         treat = treatment_profiles(final, keys, cfg.aggregation)
         treat = treat.drop(columns=["Metadata_Model"], errors="ignore")
         treat.insert(len(keys), "Metadata_Model", layout.model_id)
-        path = write_parquet(treat, layout.treatments(), {**prov, "level": "treatment", "keys": keys,
+        path = write_parquet(treat, layout.treatments(), {**prov, "level": TREATMENT, "keys": keys,
                                                           "sphering": summary["sphering"]})
-        summary["outputs"].append({"level": "treatment", "plate": "all", "path": str(path.relative_to(layout.root)),
+        summary["outputs"].append({"level": TREATMENT, "plate": "all", "path": str(path.relative_to(layout.root)),
                                    "rows": len(treat)})
     write_skipped(skipped, layout.root / "skipped.csv")
     for plate, info in sorted(plates.items()):

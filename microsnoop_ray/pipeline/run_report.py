@@ -11,6 +11,7 @@ import pandas as pd
 
 from ..profiles.aggregate import feature_columns
 from ..plots import pca_png, plate_layout_png
+from .layout import WELL
 
 
 def _num(v, fmt: str = ".3g") -> str:
@@ -46,7 +47,7 @@ def write_run_report(out: str | Path, summary: dict, color_by: str | None = None
     wells_all = []
     skipped = pd.read_csv(out / "skipped.csv") if (out / "skipped.csv").exists() else pd.DataFrame()
     for o in summary["outputs"]:
-        if o["level"] == "well":
+        if o["level"] == WELL:
             wells = pd.read_parquet(out / o["path"])
             wells_all.append(wells)
             skip_wells = sorted(set(skipped.loc[skipped["Metadata_Plate"] == o["plate"], "Metadata_Well"])

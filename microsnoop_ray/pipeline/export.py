@@ -23,10 +23,11 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from .atomic import atomic_path
-from .write import read_provenance, write_parquet
+from ..io.atomic import atomic_path
+from ..io.write import read_provenance, write_parquet
 from ..profiles.aggregate import feature_columns
 from ..profiles.controls import negative_controls
+from .layout import TREATMENT, WELL
 
 LEVELS = ("cells", "wells", "treatments")
 FORMATS = ("h5ad", "plate-parquet")
@@ -60,7 +61,7 @@ def level_table(root: str | Path, level: str) -> tuple[pd.DataFrame, dict]:
         if not parts:
             raise InputError(root, "the run has no per-cell embeddings")
         return pd.concat([p[1] for p in parts], ignore_index=True), read_provenance(parts[0][2])
-    want = "well" if level == "wells" else "treatment"
+    want = WELL if level == "wells" else TREATMENT
     paths = [root / o["path"] for o in summary["outputs"] if o["level"] == want]
     if not paths:
         raise InputError(root, f"the run wrote no {want} profiles (see summary.json)")
