@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 import tifffile
 
-from microsnoop_ray import Encoder, embed, load_model
+from microsnoop_ray import Encoder, load_model
+from microsnoop_ray.crop.field import prepare_field
 from microsnoop_ray.crop.windows import (bboxes_from_centres, crop_cells, object_bboxes, rescale_field, tile_field,
                                  tile_starts)
-from microsnoop_ray.encode.embed import profile_field
 from microsnoop_ray.segment import CellposeSegmenter, resolve_cellpose_weights, segment_classical
 
 
@@ -129,29 +129,28 @@ def test_tile_starts_follow_the_method():
     assert len(tile_starts(1080, overlap=0.9)) == len(tile_starts(1080, overlap=0.5))
 
 
-def test_tile_and_rescale_modes_on_a_real_field(stardist_nuclei, encoder):
+def test_tile_and_rescale_modes_on_a_real_field(stardist_nuclei):
     img = stardist_nuclei[0][None, :400, :300]
     tiles, table = tile_field(img)
     assert tiles.shape == (len(tile_starts(400)) * len(tile_starts(300)), 1, 224, 224)
-    res = profile_field(img, encoder, mode="tiles")
-    np.testing.assert_allclose(res.field_features, embed(tiles, encoder=encoder).mean(axis=0), atol=1e-6)
-    assert res.object_count == len(tiles)
+    prep = prepare_field(img, mode="tiles")
+    np.testing.assert_array_equal(prep.crops, tiles.astype(np.float32))
+    assert len(prep.objects) == len(tiles) and prep.skip_reason is None
     sq = rescale_field(img)
     assert sq.shape == (1, 224, 224)
-    res = profile_field(img, encoder, mode="rescale")
-    np.testing.assert_allclose(res.field_features, embed(sq[None], encoder=encoder)[0], atol=1e-6)
+    np.testing.assert_array_equal(prepare_field(img, mode="rescale").crops, sq[None].astype(np.float32))
 
 
-def test_fields_without_cells_are_skipped_not_zero(encoder):
+def test_fields_without_cells_are_skipped_not_zero():
     blank = np.zeros((2, 128, 128), np.uint16)
-    res = profile_field(blank, encoder, labels=np.zeros((128, 128), int), where="P1/A01/1")
-    assert res.field_features is None and "P1/A01/1" in res.skip_reason and "constant" in res.skip_reason
+    prep = prepare_field(blank, labels=np.zeros((128, 128), int), where="P1/A01/1")
+    assert len(prep.crops) == 0 and "P1/A01/1" in prep.skip_reason and "constant" in prep.skip_reason
     noisy = np.random.default_rng(1).integers(0, 50, (2, 128, 128)).astype(np.uint16)
-    res = profile_field(noisy, encoder, labels=np.zeros((128, 128), int), where="P1/A02/1")
-    assert res.field_features is None and "no cells" in res.skip_reason
+    prep = prepare_field(noisy, labels=np.zeros((128, 128), int), where="P1/A02/1")
+    assert len(prep.crops) == 0 and "no cells" in prep.skip_reason
     nan = noisy.astype(float)
     nan[0, 3, 3] = np.nan
-    assert "NaN" in profile_field(nan, encoder, mode="tiles").skip_reason
+    assert "NaN" in prepare_field(nan, mode="tiles").skip_reason
 
 
 def test_fields_cli_with_supplied_masks_and_a_blank_field(tmp_path, published_ckpt, stardist_nuclei):

@@ -1,7 +1,7 @@
 """Whole fields of view into encoder inputs: cell cropping, tile and rescaling modes.
 
 Pure functions on arrays: segmentation happens before (batched across fields,
-see :mod:`microsnoop_ray.segment`); :func:`~microsnoop_ray.encode.embed.profile_field`
+see :mod:`microsnoop_ray.segment`); :func:`~microsnoop_ray.encode.embed.embed`
 embeds what :func:`prepare_field` cuts. A field that yields no crops (no cells,
 NaN pixels, a constant image) gives a reason instead: never a zero vector that
 would pollute later aggregation and sphering.
@@ -59,8 +59,9 @@ def prepare_field(image: np.ndarray, mode: str = "cells", labels: np.ndarray | N
                   tile_overlap: float = TILE_OVERLAP, where: str = "field") -> PreparedField:
     """Check a field and cut it into encoder inputs (cell crops, tiles or one rescaled image).
 
-    The pure first half of :func:`profile_field`; the plate pipeline runs it in its CPU
-    actors and sends the crops to the encoder actors. Parameters as for :func:`profile_field`.
+    The pipeline's crop stage runs it (in its CPU actors for ``profile``, in this process for
+    ``fields``) and sends the crops to the encoder; the field profile is the mean of their
+    embeddings.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")

@@ -8,16 +8,12 @@ Images stream through the encoder in chunks, so memory stays bounded for any N:
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 
-from ..crop.windows import RESCALE_CONSTANT, TILE_OVERLAP, as_chw
 from ..errors import InputError
-from ..crop.field import prepare_field
 from ..model import MicrosnoopUNet, load_model, EMBED_DIM, INPUT_SIZE
 from .preprocess import pad_center, normalize_percentile, pad_normalize_torch
 
@@ -245,63 +241,3 @@ def feature_names(channel_names: Sequence[str], prefix: str = "Microsnoop") -> l
 
 
 # --------------------------------------------------------------------------- whole fields
-
-@dataclasses.dataclass
-class FieldResult:
-    """What one field gave.
-
-    Attributes
-    ----------
-    objects : DataFrame, one row per embedded cell (or tile), ``Metadata_`` columns
-    object_features : ndarray (M, 256*C) float32
-    field_features : ndarray (256*C,) float32, or None when the field was skipped
-    object_count : int
-    rejected : DataFrame of objects not cropped (``Metadata_ObjectNumber``, ``reason``)
-    skip_reason : str or None
-    """
-
-    objects: pd.DataFrame
-    object_features: np.ndarray
-    field_features: np.ndarray | None
-    object_count: int
-    rejected: pd.DataFrame
-    skip_reason: str | None = None
-
-
-def _skipped(reason: str, dim: int, rejected: pd.DataFrame | None = None) -> FieldResult:
-    return FieldResult(pd.DataFrame(), np.zeros((0, dim), np.float32), None, 0,
-                       rejected if rejected is not None else pd.DataFrame(columns=["Metadata_ObjectNumber", "reason"]),
-                       reason)
-
-
-def profile_field(image: np.ndarray, encoder: Encoder, mode: str = "cells", labels: np.ndarray | None = None,
-                  bboxes: pd.DataFrame | None = None, rescale_constant: float = RESCALE_CONSTANT, border: str = "drop",
-                  tile_overlap: float = TILE_OVERLAP, batch_size: int = 32, normalization: str = "default",
-                  where: str = "field") -> FieldResult:
-    """Embed one field in the chosen mode and average it into a field profile.
-
-    Parameters
-    ----------
-    image : ndarray (C, H, W), any numeric dtype
-    encoder : Encoder
-    mode : {"cells", "tiles", "rescale"}
-        ``cells``: docs/METHOD.md cell-region crops around each object of ``labels``
-        (or ``bboxes``), the field profile is the mean of the cell profiles.
-        ``tiles``: overlapping 224 tiles, mean of the tile profiles.
-        ``rescale``: pad to a square, resize to 224, embed once.
-    labels, bboxes
-        Mask source for ``cells`` mode.
-    where : str
-        Name of the field for the reasons (e.g. ``plate/well/site`` or a file name).
-
-    Returns
-    -------
-    FieldResult
-    """
-    image = as_chw(image)
-    dim = EMBED_DIM * image.shape[0]
-    prep = prepare_field(image, mode, labels, bboxes, rescale_constant, border, tile_overlap, where)
-    if prep.skip_reason is not None:
-        return _skipped(prep.skip_reason, dim, prep.rejected)
-    feats = embed(prep.crops, encoder=encoder, batch_size=batch_size, normalization=normalization, source=where)
-    return FieldResult(prep.objects, feats, feats.mean(axis=0), len(prep.crops), prep.rejected)
