@@ -8,6 +8,7 @@ import pandas as pd
 
 from ..errors import InputError
 from .arrays import load_array, read_tiff
+from .tables import read_table
 
 
 def read_field(path: str | Path) -> np.ndarray:
@@ -43,10 +44,7 @@ def read_centres(path: str | Path) -> pd.DataFrame:
 
     Returns a DataFrame with ``x``, ``y``, ``label`` and ``file`` (None when absent).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "centres table does not exist")
-    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    df = read_table(path)
     for xs, ys in (("Location_Center_X", "Location_Center_Y"), ("AreaShape_Center_X", "AreaShape_Center_Y"),
                    ("Nuclei_Location_Center_X", "Nuclei_Location_Center_Y"), ("X", "Y"), ("x", "y")):
         if xs in df and ys in df:
