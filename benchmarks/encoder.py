@@ -139,7 +139,7 @@ def main() -> None:
     if device.type == "cuda":
         from microsnoop_ray.encode.embed import Encoder, embed
         cells = real_cells()
-        enc = Encoder(MicrosnoopUNet(), device=device)
+        enc = Encoder(MicrosnoopUNet(), device=device, precision="fp32")
         e2e_batch = args.batch or 256
         embed(cells[:e2e_batch], encoder=enc, batch_size=e2e_batch)  # warm-up
         _sync(device)

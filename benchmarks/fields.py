@@ -51,7 +51,7 @@ def main() -> None:
     assets = fetch_package_files("scellseg-assets")
     kc = [skimage.io.imread(assets / "contrast_data" / "Kc167" / f"{n}_img.png") for n in ("095", "096", "097")]
     torch.manual_seed(0)
-    encoder = Encoder(MicrosnoopUNet().eval())
+    encoder = Encoder(MicrosnoopUNet().eval(), precision="fp32")
     result = {"machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
               "segmentation": [], "modes": []}
 

@@ -213,7 +213,7 @@ def main() -> None:
     cells = np.load(args.data / "cells.npz")["images"]
     crops = [plane for cell in cells for plane in cell]
     from microsnoop_ray.encode.embed import Encoder
-    ref = Encoder(model, device=device).embed_crops(crops)
+    ref = Encoder(model, device=device, precision="fp32").embed_crops(crops)
     precisions = PRECISIONS if cuda else ("fp32",)
     enc = {}
     for p in precisions:

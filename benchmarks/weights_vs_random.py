@@ -64,7 +64,7 @@ def main() -> None:
         res = {"cells": int(len(labels))}
         for mname, model in models.items():
             t = time.perf_counter()
-            feats = embed(images, encoder=Encoder(model), batch_size=48)
+            feats = embed(images, encoder=Encoder(model, precision="fp32"), batch_size=48)
             res[mname] = knn_accuracy(feats, labels, k=11)
             res[mname]["seconds"] = round(time.perf_counter() - t, 1)
         out["sets"][name] = res

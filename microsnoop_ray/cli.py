@@ -48,7 +48,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
                   progress=not args.quiet, features=cfg.feature_sets, masks=args.masks)
     if not args.quiet:
         print(f"{' + '.join(r['features'])}: {r['images']} images x {r['channels']} channels in {r['seconds']:.1f} s "
-              f"({r['images'] / max(r['seconds'], 1e-9):.1f} images/s, {r['model_id']}) -> {args.out}"
+              f"({r['images'] / max(r['seconds'], 1e-9):.1f} images/s, {r['model_id']}, {r['precision']}) -> {args.out}"
               + (f"; {len(r['dropped'])} image(s) could not be measured, see Metadata_Dropped_Reason"
                  if r["dropped"] else ""))
     return 0

@@ -6,7 +6,7 @@ from microsnoop_ray import Encoder, InputError, embed, load_model
 
 @pytest.fixture(scope="module")
 def encoder(published_ckpt):
-    return Encoder(load_model(published_ckpt))
+    return Encoder(load_model(published_ckpt), precision="fp32")  # tolerances of 1e-6: the exact arithmetic
 
 
 def test_chunking_does_not_change_results(encoder, mlcp_cells):
@@ -66,3 +66,38 @@ def test_cuda_request_without_cuda_is_a_clear_error(published_ckpt):
     else:
         with pytest.raises(RuntimeError, match="no CUDA device"):
             Encoder(published_ckpt, device="cuda")
+
+
+def test_bf16_stays_faithful_to_fp32_on_real_cells(mlcp_cells):
+    """The default weights on real cells: bf16 (residual blocks) moves the centred embeddings by at
+    most 0.05 of their length (the median over cells), and it does compute in bf16."""
+    from microsnoop_ray.evaluate.metrics import centred_relative_error
+
+    images = mlcp_cells[0]
+    ref = embed(images, encoder=Encoder(precision="fp32"))
+    low_enc = Encoder(precision="bf16")
+    low = embed(images, encoder=low_enc)
+    assert low_enc.arithmetic["precision"] == "bf16" and "normalisation" in low_enc.arithmetic["fp32"]
+    err = centred_relative_error(low, ref)
+    assert 1e-4 < err <= 0.05, err
+    np.testing.assert_allclose(np.linalg.norm(low.reshape(len(images), 3, 256), axis=2), 1.0, atol=1e-5)
+
+
+def test_auto_precision_follows_what_the_device_offers(monkeypatch, published_ckpt):
+    import torch
+
+    from microsnoop_ray.encode import embed as embed_module
+
+    model = load_model(published_ckpt)
+    monkeypatch.setattr(embed_module, "native_bf16", lambda device: None)
+    plain = Encoder(model, precision="auto")
+    assert plain.precision == "fp32" and plain.arithmetic["asked"] == "auto" and "no native bf16" in plain.arithmetic["why"]
+    monkeypatch.setattr(embed_module, "native_bf16", lambda device: "CPU with AMX (amx_bf16)")
+    fast = Encoder(model, precision="auto")
+    assert fast.precision == "bf16" and "amx_bf16" in fast.arithmetic["why"]
+    assert Encoder(model, precision="fp32").arithmetic == {"precision": "fp32", "asked": "fp32", "why": "asked for"}
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Encoder(model, precision="int8")
+    x = torch.rand(2, 1, 64, 64)
+    with torch.inference_mode():
+        np.testing.assert_allclose(fast._fn(x).numpy(), model.embed(x, torch.bfloat16).numpy())

@@ -17,8 +17,42 @@ from ..errors import InputError
 from ..model import MicrosnoopUNet, load_model, EMBED_DIM, INPUT_SIZE
 from .preprocess import pad_center, normalize_percentile, pad_normalize_torch
 
-#: encoder arithmetic: fp32; TF32 matmuls and convolutions (CUDA); bf16 or fp16 autocast
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+#: encoder arithmetic. ``auto``: bf16 where the hardware runs it natively (a CPU with AVX-512 BF16 or
+#: AMX, a CUDA device with bf16), else fp32; ``tf32``: TF32 matmuls and convolutions (CUDA);
+#: ``bf16``/``fp16``: the residual blocks in that type, pooling and normalisation in fp32
+#: (:meth:`~microsnoop_ray.model.MicrosnoopUNet.embed`)
+PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
+_LOWER = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def native_bf16(device: torch.device) -> str | None:
+    """What makes bf16 native on ``device`` (an instruction set, a CUDA capability), or None.
+
+    Decided on the machine that runs the encoder: CPUs without AVX-512 BF16 emulate bf16 and run
+    it several times slower than fp32 (0.24 images/s was measured on one such machine).
+    """
+    if device.type == "cuda":
+        return f"CUDA {torch.cuda.get_device_name(device)} with bf16" if torch.cuda.is_bf16_supported() else None
+    if device.type != "cpu":
+        return None
+    cpu = torch.cpu
+    if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return "CPU with AMX (amx_bf16)"
+    if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "CPU with AVX-512 BF16 (avx512_bf16)"
+    return None
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
+    """``(arithmetic, why)``: what ``precision`` means on ``device`` (``auto`` decided here)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if precision != "auto":
+        return precision, "asked for"
+    native = native_bf16(device)
+    if native:
+        return "bf16", f"auto: {native}"
+    return "fp32", f"auto: no native bf16 on this {device.type}"
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -103,10 +137,13 @@ class Encoder:
     device : str or torch.device, optional
     channels_last : bool
         Use the channels-last memory format (faster on CPU; see benchmarks/encoder.py).
-    precision : {"fp32", "tf32", "bf16", "fp16"}
-        ``tf32`` allows TF32 matmuls and convolutions on CUDA; ``bf16``/``fp16`` run the
-        encoder under autocast (the embedding is returned as float32). See
-        ``benchmarks/gpu_plate.py`` for their speed and their cosine to fp32.
+    precision : {"auto", "fp32", "tf32", "bf16", "fp16"}
+        ``auto`` (the default) is ``bf16`` where the device runs it natively, else ``fp32``
+        (:func:`resolve_precision`; :attr:`arithmetic` records the choice). ``bf16``/``fp16`` run
+        the residual blocks in that type and the pooling, global average and L2 normalisation in
+        fp32; on this project's AVX-512 BF16 CPU that is 2.3x faster than fp32 at a median
+        relative error of the centred embeddings of 0.016 (``benchmarks/bf16_cpu.py``). ``tf32``
+        allows TF32 matmuls and convolutions on CUDA.
     compile : bool
         Wrap the encoder in ``torch.compile``: on 2 CPU cores about 1.4x faster
         at 224 and 3x at 64 (benchmarks/encoder.py), after a one-off compile of
@@ -115,26 +152,28 @@ class Encoder:
     """
 
     def __init__(self, model=None, device=None, channels_last: bool = True, compile: bool = False,
-                 precision: str = "fp32"):
+                 precision: str = "auto"):
         if not isinstance(model, MicrosnoopUNet):
             model = load_model(model)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         self.device = resolve_device(device)
-        self.precision = precision
-        if precision == "tf32" and self.device.type == "cuda":
+        self.precision, why = resolve_precision(precision, self.device)
+        #: what the provenance records: the arithmetic used, what was asked, and why
+        self.arithmetic = {"precision": self.precision, "asked": precision, "why": why}
+        if self.precision in _LOWER:
+            self.arithmetic["fp32"] = "max pooling, global average, L2 normalisation"
+        if self.precision == "tf32" and self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self._autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.model = model.eval().to(self.device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self._fn = self.model.embed
+        lower = _LOWER.get(self.precision)
+        self._fn = (lambda x: self.model.embed(x, lower)) if lower is not None else self.model.embed
         self.compiled = bool(compile)
         self._fixed_batch = 0
         if compile:
-            self._fn = torch.compile(self.model.embed, dynamic=False)
+            self._fn = torch.compile(self._fn, dynamic=False)
 
     @property
     def model_card(self):
@@ -171,13 +210,12 @@ class Encoder:
             if n < self._fixed_batch:  # eval-mode BatchNorm: padding rows do not affect the others
                 x = torch.cat([x, x.new_zeros((self._fixed_batch - n,) + tuple(x.shape[1:]))])
         x = x.contiguous(memory_format=self.memory_format)
-        with torch.autocast(self.device.type, dtype=self._autocast or torch.float32, enabled=self._autocast is not None):
-            out = self._fn(x)[:n]
-        return out.float().cpu().numpy()
+        return self._fn(x)[:n].float().cpu().numpy()
 
 
 def embed(images, model=None, batch_size: int = 32, device=None, normalization: str = "default",
-          source: str = "images", progress: bool = False, encoder: Encoder | None = None) -> np.ndarray:
+          source: str = "images", progress: bool = False, encoder: Encoder | None = None,
+          precision: str = "auto") -> np.ndarray:
     """Microsnoop embeddings of images up to 224 x 224.
 
     Parameters
@@ -199,7 +237,10 @@ def embed(images, model=None, batch_size: int = 32, device=None, normalization: 
     progress : bool
         Show a progress bar (tqdm, on stderr).
     encoder : Encoder, optional
-        A prepared encoder to reuse (overrides ``model`` and ``device``).
+        A prepared encoder to reuse (overrides ``model``, ``device`` and ``precision``).
+    precision : {"auto", "fp32", "tf32", "bf16", "fp16"}
+        The encoder's arithmetic (:class:`Encoder`): ``auto`` is bf16 where the device runs it
+        natively, else fp32; ``fp32`` gives the reference's numbers.
 
     Returns
     -------
@@ -213,7 +254,7 @@ def embed(images, model=None, batch_size: int = 32, device=None, normalization: 
         message names ``source`` and the image index).
     """
     n, c = check_images(images, source)
-    enc = encoder if encoder is not None else Encoder(model, device)
+    enc = encoder if encoder is not None else Encoder(model, device, precision=precision)
     per_chunk = max(1, batch_size // c)
     out = np.empty((n, EMBED_DIM * c), dtype=np.float32)
     bar = None

@@ -41,11 +41,15 @@ def standardize(F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return Z.astype(np.float32), keep
 
 
-def network_features(images: np.ndarray, model, batch_size: int = 48, compile: bool = False) -> np.ndarray:
-    """Microsnoop embeddings (n, 256 * c) of the crops with ``model`` (a MicrosnoopUNet)."""
+def network_features(images: np.ndarray, model, batch_size: int = 48, compile: bool = False,
+                     precision: str = "fp32") -> np.ndarray:
+    """Microsnoop embeddings (n, 256 * c) of the crops with ``model`` (a MicrosnoopUNet).
+
+    Evaluations use fp32, the reference arithmetic, so that their numbers do not depend on the
+    machine (``auto`` would be bf16 on one and fp32 on another)."""
     from ..encode.embed import Encoder, embed
 
-    return embed(images, encoder=Encoder(model, compile=compile), batch_size=batch_size)
+    return embed(images, encoder=Encoder(model, compile=compile, precision=precision), batch_size=batch_size)
 
 
 def pixels_pca(images: np.ndarray, n_components: int = 256, seed: int = 0) -> np.ndarray:

@@ -190,9 +190,25 @@ class MicrosnoopUNet(nn.Module):
             raise ValueError(f"skips must be 'keep', 'drop' or 'noise', not {skips!r}")
         return self.decoder(levels, style_vector(levels[-1]))
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1, H, W) float32 -> (N, 256) unit-norm embeddings (encoder only)."""
-        return style_vector(self.encoder(x)[-1])
+    def embed(self, x: torch.Tensor, lower: torch.dtype | None = None, fp32_blocks: tuple[int, ...] = ()
+              ) -> torch.Tensor:
+        """(N, 1, H, W) float32 -> (N, 256) unit-norm embeddings (encoder only).
+
+        ``lower`` (``torch.bfloat16`` or ``torch.float16``) runs each residual down block, except
+        those in ``fp32_blocks``, under autocast to that type. Each block's output is cast back to
+        float32, so the max pooling between blocks, the global average and the L2 normalisation stay
+        float32: the embedding is a mean over thousands of positions and a division by its norm, and
+        those two are where reduced precision would move it most.
+        """
+        if lower is None:
+            return style_vector(self.encoder(x)[-1])
+        h = x
+        for k, block in enumerate(self.encoder.downsample.down):
+            if k:
+                h = self.encoder.downsample.maxpool(h)
+            with torch.autocast(x.device.type, dtype=lower, enabled=k not in fp32_blocks):
+                h = block(h).float()
+        return style_vector(h)
 
 
 def count_parameters(module: nn.Module) -> int:
