@@ -150,7 +150,7 @@ def test_a_cell_that_cannot_be_measured_is_dropped_with_its_reason_and_the_site_
     assert (rows["kind"] == DROP).sum() == 1 and "no pixels" in rows["reason"][rows["kind"] == DROP][0]
     written = {}
     rows["features"] = np.zeros((len(rows["kind"]), 256), np.float32)
-    collector = SiteCollector(lambda k, c, d, r: written.update(cells=c, dropped=d), lambda k, r: None,
+    collector = SiteCollector(lambda k, c, d, r, a: written.update(cells=c, dropped=d), lambda k, r: None,
                               {"P": names}, features=("microsnoop", "cellprofiler"))
     collector.add(concat_rows([rows]))
     assert collector.sites_done == 1 and not collector.incomplete()

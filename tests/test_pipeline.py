@@ -121,6 +121,23 @@ def test_rerun_changes_nothing_and_resume_after_loss_is_identical(profiled):
     assert _digest(out) == before
 
 
+def test_the_driver_writing_the_sites_gives_the_same_tables(profiled, tmp_path):
+    """run.site_writes: driver (every plane's features come back and the driver writes) against the
+    default, where the encoder actors write the sites they finish: the same cells, wells and skips."""
+    cfg, summary, out = profiled
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    for d in list(copy.glob("embeddings/*/2026_demo/Transfluor/*"))[::2]:
+        shutil.rmtree(d)
+    resumed = run_profile(cfg.replace(out=str(copy), run__site_writes="driver"), progress_print=lambda *a: None)
+    assert resumed["this_run"]["sites_written"] + resumed["this_run"]["sites_skipped"] == 12
+    files = sorted(p.relative_to(out) for p in out.rglob("*.parquet"))
+    assert files == sorted(p.relative_to(copy) for p in copy.rglob("*.parquet"))
+    for f in files:
+        pd.testing.assert_frame_equal(pd.read_parquet(copy / f), pd.read_parquet(out / f))
+    assert pd.read_csv(copy / "skipped.csv").equals(pd.read_csv(out / "skipped.csv"))
+
+
 def test_cell_arrays_with_plate_metadata(ray_session, untrained_weights, tmp_path):
     """Pre-cropped BBBC021 cells: per-plate sphering fitted on the DMSO cells of each plate."""
     data = np.load(shared("bbbc021_chx", "cells.npz"))["images"]

@@ -10,7 +10,8 @@ from conftest import shared, transfluor_images
 from microsnoop_ray.encode.embed import embed
 from microsnoop_ray.io.sources import CellChunk, FileField, SiteKey
 from microsnoop_ray.pipeline.config import CropConfig, EncodeConfig, SegmentationConfig
-from microsnoop_ray.pipeline.stages import DROP, PLANE, SKIP, CropStage, EncodeStage, SiteCollector, crops_of, read_row
+from microsnoop_ray.pipeline.stages import (DONE, DROP, PLANE, SKIP, CropStage, EncodeStage, SiteCollector, concat_rows,
+                                           crops_of, read_row)
 
 
 def field_file() -> Path:
@@ -80,7 +81,7 @@ def test_collector_completes_sites_counts_duplicates_once_and_accounts_for_skips
     assert set(parts[1]["kind"]) == {PLANE, DROP} and list(parts[2]["kind"]) == [SKIP]
     assert "plate P|x, well A02, site 1" in parts[2]["reason"][0] and "missing.npy" in parts[2]["reason"][0]
     written, skipped, order = {}, {}, []
-    collector = SiteCollector(lambda key, c, dropped, rejected: written.update({key: (c, dropped)}),
+    collector = SiteCollector(lambda key, c, dropped, rejected, arithmetic: written.update({key: (c, dropped)}),
                               lambda key, reason: skipped.update({key: reason}), {"P|x": ["a", "b"]},
                               on_site=lambda key, c: order.append(key))
     collector.add(parts[0])
@@ -97,6 +98,55 @@ def test_collector_completes_sites_counts_duplicates_once_and_accounts_for_skips
     assert list(skipped) == [SiteKey("P|x", "A02", 1)]
     collector.add(parts[0])  # rows of a site already written are ignored
     assert len(written) == 1 and collector.sites_done == 2
+
+
+def test_the_encoder_writes_the_sites_it_finishes_and_hands_on_the_rest(tmp_path, untrained_weights, mlcp_cells):
+    """Site as the unit: a site whose planes all came in one encoder call is written there and leaves as
+    one DONE row; a site split over calls leaves encoded, and the driver's collector finishes it. The
+    files equal those the collector writes from the same planes, and a retried call writes nothing twice."""
+    from microsnoop_ray.io.sources import PlateInfo
+    from microsnoop_ray.pipeline.layout import Layout
+    from microsnoop_ray.pipeline.plate_job import SiteSink
+
+    np.save(tmp_path / "cells.npy", mlcp_cells[0][:6])
+    chunk = dict(n_channels=3, path=str(tmp_path / "cells.npy"))
+    whole = CellChunk("P", "A01", 1, rows=(0, 1, 2), object_numbers=(1, 2, 3), site_planes=9, **chunk)
+    split = [CellChunk("P", "A02", 1, rows=(3, 4), object_numbers=(1, 2), site_planes=9, **chunk),
+             CellChunk("P", "A02", 1, rows=(5,), object_numbers=(3,), site_planes=9, **chunk)]
+    crop = CropStage()
+    rows = [crop.process(read_row({"item": it})) for it in [whole] + split]
+    names = ["DNA", "ER", "RNA"]
+
+    def sink(root):
+        root.mkdir()  # the job makes it (run_config.yaml) before any actor starts
+        plates = {"P": PlateInfo("P", "b1", names, "cells.npy", [SiteKey("P", "A01", 1), SiteKey("P", "A02", 1)])}
+        return SiteSink(Layout(root, "m"), plates, None, {"run": "test"}, {})
+
+    workers = sink(tmp_path / "workers")
+    stage = EncodeStage(EncodeConfig(weights=str(untrained_weights), batch_size=4), "cpu", sink=workers,
+                        channels={"P": names})
+    out = stage(concat_rows(rows[:2]))  # the whole site and the first chunk of the split one
+    done = out["kind"] == DONE
+    assert done.sum() == 1 and out["cells"][done].tolist() == [3] and out["count"][done].tolist() == [9]
+    assert set(out["kind"][~done]) == {PLANE} and (out["well"][~done] == "A02").all()
+    site = tmp_path / "workers" / "embeddings" / "m" / "b1" / "P" / "A01-1" / "embeddings.parquet"
+    stamp = site.stat().st_mtime_ns
+    collector = SiteCollector(workers.site, workers.skip, {"P": names})
+    collector.add(out)
+    collector.add(stage(rows[2]))  # a call that finishes nothing: its rows go to the collector
+    assert collector.incomplete() == [] and (collector.sites_written, collector.sites_skipped) == (2, 0)
+    again = stage(concat_rows(rows[:2]))  # a retried call: the site is not written again
+    assert site.stat().st_mtime_ns == stamp and (again["kind"] == DONE).sum() == 1
+
+    driver = sink(tmp_path / "driver")  # the same planes, every site written by the collector
+    plain = EncodeStage(EncodeConfig(weights=str(untrained_weights), batch_size=4), "cpu")
+    by_driver = SiteCollector(driver.site, driver.skip, {"P": names})
+    for r in rows:
+        by_driver.add(plain(r))
+    for well in ("A01", "A02"):
+        a, b = (pd.read_parquet(tmp_path / d / "embeddings" / "m" / "b1" / "P" / f"{well}-1" / "embeddings.parquet")
+                for d in ("workers", "driver"))
+        pd.testing.assert_frame_equal(a, b)
 
 
 def test_a_bug_in_a_stage_is_not_an_input_error(tmp_path):

@@ -36,6 +36,8 @@ from ..segment import DIAMETER, SEGMENTERS
 DEVICES = ("auto", "cpu", "cuda")
 #: the sphering scopes, and "none" for profiles left unsphered
 SPHERING_SCOPES = SCOPES + ("none",)
+#: who writes the site files of ``profile`` on Ray (:class:`RunConfig`)
+SITE_WRITERS = ("workers", "driver")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +82,9 @@ class EncodeConfig:
     batch_size: int = option(64, "one-channel crops per encoder call")
     device: str = option("auto", "auto (CUDA when the cluster has GPUs), cpu, cuda or cuda:N")
     compile: bool = option(False, "torch.compile the encoder (worth it for long runs)")
-    precision: str = option("fp32", "encoder arithmetic", PRECISIONS)
+    precision: str = option("auto", "encoder arithmetic: auto is bf16 where the CPU or GPU runs it natively "
+                                    "(recorded in the provenance), else fp32; fp32 for the reference arithmetic",
+                            PRECISIONS)
     actors: int | None = option(None, "encoder actors (default: one per GPU, else one)", flag="--encoder-actors")
     cpus: float = option(1.0, "CPUs per encoder actor on CPU nodes", flag="--encoder-cpus")
     threads: int | None = option(None, "torch threads per encoder actor (default: the node's CPUs)",
@@ -113,6 +117,14 @@ class RunConfig:
     retry_skipped: bool = option(False, "profile again the sites a previous run skipped")
     progress: bool = option(True, "a live line per plate while it runs", flag=None)
     cells_chunk: int = option(CELLS_PER_CHUNK, "cells per work item of a cell array", flag=None)
+    items_per_block: int | None = option(None, "work items per Ray Data block (default: the items spread over "
+                                         "at most 1,000 blocks). Each block is one task per stage for the "
+                                         "driver to schedule: more items per block, less driver work per site",
+                                         flag=None)
+    site_writes: str = option("workers", "who writes the site files: workers (each encoder actor writes the "
+                              "sites it finishes; OUT must be visible on every node, as the inputs are) or "
+                              "driver (every plane's features come back to the driver, which writes)",
+                              SITE_WRITERS)
 
 
 SECTIONS = {"segmentation": SegmentationConfig, "crop": CropConfig, "encode": EncodeConfig,
@@ -194,8 +206,8 @@ class ProfileConfig:
         sets = self.feature_sets
         if "cellprofiler" in sets and self.crop.mode != "cells":
             raise ValueError(f"features cellprofiler measures cells: it needs crop.mode cells, not {self.crop.mode!r}")
-        if self.encode.batch_size < 1 or self.run.cells_chunk < 1:
-            raise ValueError("encode.batch_size and run.cells_chunk must be at least 1")
+        if self.encode.batch_size < 1 or self.run.cells_chunk < 1 or (self.run.items_per_block or 1) < 1:
+            raise ValueError("encode.batch_size, run.cells_chunk and run.items_per_block must be at least 1")
 
     @property
     def feature_sets(self) -> tuple[str, ...]:

@@ -2,7 +2,9 @@
 
 Both feed a :class:`~microsnoop_ray.pipeline.stages.SiteCollector`; what they produce is the
 same, row for row. The in-process one serves ``fields``, notebooks and tests; the Ray one
-``profile`` and the cluster jobs, with its actor pools sized from the running cluster.
+``profile`` and the cluster jobs, with its actor pools sized from the running cluster. On Ray the
+site is the unit: the encoder actors take whole crop-stage outputs (every plane of the sites a crop
+call made), write each finished site where it was encoded, and send the driver one row per site.
 """
 from __future__ import annotations
 
@@ -92,9 +94,13 @@ def _fits(total: Mapping[str, float], need: Mapping[str, float] | None) -> int |
     return max(1, min(int(total[k] // v) for k, v in need.items()))
 
 
-def ray_dataset(cfg: ProfileConfig, items: list[WorkItem]):
+def ray_dataset(cfg: ProfileConfig, items: list[WorkItem], sink=None, channels: dict | None = None):
     """The Ray Data pipeline over work items (resources taken from the running cluster), and the
-    actor pool sizes it chose: ``(dataset, {"crop_actors": n, "encoder_actors": n})``."""
+    actor pool sizes it chose: ``(dataset, {"crop_actors": n, "encoder_actors": n})``.
+
+    With a ``sink`` (``plate_job.SiteSink``) and the plates' ``channels``, each encoder call takes one
+    whole block of the crop stage (the sites of one crop call, encoded ``batch_size`` planes at a
+    time) and writes the sites complete in it; without, it takes ``batch_size`` planes of any sites."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -125,22 +131,25 @@ def ray_dataset(cfg: ProfileConfig, items: list[WorkItem]):
     enc_res = {"num_gpus": enc_gpus} if use_gpu else {"num_cpus": enc_cpus}
     if enc.resources:
         enc_res["resources"] = dict(enc.resources)
-    ds = ray.data.from_items([{"item": it} for it in items], override_num_blocks=max(1, min(len(items), 1000)))
+    per_block = cfg.run.items_per_block or -(-len(items) // 1000)
+    ds = ray.data.from_items([{"item": it} for it in items], override_num_blocks=max(1, -(-len(items) // per_block)))
     ds = ds.map(read_row, num_cpus=read_cpus)
     ds = ds.map_batches(CropStage, fn_constructor_args=(seg, crop, seg_gpu, None, None, cfg.feature_sets),
                         batch_size=seg.fields_per_batch,
                         batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=n_crop), **crop_res)
-    ds = ds.map_batches(EncodeStage, fn_constructor_args=(enc, "cuda" if use_gpu else "cpu", cfg.feature_sets),
-                        batch_size=enc.batch_size, batch_format="numpy",
+    ds = ds.map_batches(EncodeStage, fn_constructor_args=(enc, "cuda" if use_gpu else "cpu", cfg.feature_sets,
+                                                          sink, channels),
+                        batch_size=None if sink is not None else enc.batch_size, batch_format="numpy",
                         compute=ActorPoolStrategy(size=n_enc,
                                                   max_tasks_in_flight_per_actor=max(2, enc.batches_in_flight)),
                         **enc_res)
     return ds, {"crop_actors": n_crop, "encoder_actors": n_enc}
 
 
-def run_on_ray(cfg: ProfileConfig, items: list[WorkItem], collector: SiteCollector) -> dict:
-    """Stream ``items`` through :func:`ray_dataset` into ``collector``; returns the pool sizes."""
-    ds, pools = ray_dataset(cfg, items)
+def run_on_ray(cfg: ProfileConfig, items: list[WorkItem], collector: SiteCollector, sink=None) -> dict:
+    """Stream ``items`` through :func:`ray_dataset` into ``collector`` (the encoder actors write the
+    sites they finish into ``sink``, when given); returns the pool sizes."""
+    ds, pools = ray_dataset(cfg, items, sink, collector.channels if sink is not None else None)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         collector.add(batch)
     return pools

@@ -79,7 +79,7 @@ def run_fields(cfg: ProfileConfig, masks: Sequence[str | Path] | None = None, ce
     crop = CropStage(seg, cfg.crop, on_field=qc, segmenter=segmenter, features=cfg.feature_sets)
     cell_tables, field_rows, skipped = [], [], [dict(p, Metadata_FileName=None) for p in work.problems]
 
-    def write_site(key: SiteKey, cells: pd.DataFrame, dropped: list, rejected: int) -> None:
+    def write_site(key: SiteKey, cells: pd.DataFrame, dropped: list, rejected: int, arithmetic: str) -> None:
         cell_tables.append(site_table(key, cells, model_id, cfg.batch, files.get(key)))
         field_rows.append((key, len(cells), rejected, cells[feature_columns(cells)].to_numpy().mean(axis=0)))
         skipped.extend(skipped_row(key, CELL_LEFT_OUT, d["reason"], files.get(key)) for d in dropped)
@@ -97,7 +97,8 @@ def run_fields(cfg: ProfileConfig, masks: Sequence[str | Path] | None = None, ce
         raise RuntimeError(f"sites without all their planes: {collector.incomplete()[:5]}")
     prov = {"command": "fields", "mode": cfg.crop.mode, "features": list(cfg.feature_sets), "segmentation": segmenter_used(cfg, work.items, seg_desc),
             "channels": sorted({tuple(i.channels) for i in work.plates.values()}), "config": cfg.to_dict(),
-            "aggregation": "mean", "model_card": encode.encoder.model_card.to_dict()}
+            "aggregation": "mean", "model_card": encode.encoder.model_card.to_dict(),
+            "encoder_arithmetic": encode.encoder.arithmetic}
     outputs = []
     if cell_tables:
         cells = pd.concat(cell_tables, ignore_index=True)

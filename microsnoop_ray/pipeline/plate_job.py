@@ -162,26 +162,33 @@ def prepare_illumination(cfg: ProfileConfig, work: Work, layout: Layout, progres
 # --------------------------------------------------------------------------- running it
 
 class SiteSink:
-    """Writes what the collector hands on: a site's cells with their plate-map annotations and
-    provenance, or the reason it was skipped; counts both."""
+    """Writes a finished site: its cells with their plate-map annotations and provenance, or the reason
+    it was skipped. It travels to the encoder actors, which write the sites they finish (so it holds
+    only small, picklable things: per plate its batch and channels, not its site list).
+
+    A site already written by this run is not written again: a task retried after a worker died
+    finds it there (the run cleared the notes of every site it does before it started).
+    """
 
     def __init__(self, layout: Layout, plates: dict, platemap: pd.DataFrame | None, provenance: dict,
                  files: dict):
-        self.layout, self.plates, self.platemap, self.provenance, self.files = (layout, plates, platemap,
-                                                                               provenance, files)
-        self.written = self.skipped = 0
+        self.layout, self.platemap, self.provenance, self.files = layout, platemap, provenance, files
+        self.batches = {p: info.batch for p, info in plates.items()}
+        self.channels = {p: list(info.channels) for p, info in plates.items()}
 
-    def site(self, key: SiteKey, cells: pd.DataFrame, dropped: list, rejected: int) -> None:
-        batch = self.plates[key.plate].batch
+    def site(self, key: SiteKey, cells: pd.DataFrame, dropped: list, rejected: int, arithmetic: str) -> None:
+        batch = self.batches[key.plate]
+        if self.layout.site_done(batch, key):
+            return
         table = site_table(key, cells, self.layout.model_id, batch, self.files.get(key),
                            well_annotations(self.platemap, key.plate, key.well, cells.columns))
-        self.layout.write_site(batch, key, table, dropped, {**self.provenance,
-                                                           "channels": self.plates[key.plate].channels})
-        self.written += 1
+        self.layout.write_site(batch, key, table, dropped, {**self.provenance, "channels": self.channels[key.plate],
+                                                           "encoder_arithmetic": arithmetic})
 
     def skip(self, key: SiteKey, reason: str) -> None:
-        self.layout.write_skip(self.plates[key.plate].batch, key, reason)
-        self.skipped += 1
+        batch = self.batches[key.plate]
+        if not self.layout.site_done(batch, key):
+            self.layout.write_skip(batch, key, reason)
 
 
 def run_sites(cfg: ProfileConfig, todo: list, sink: SiteSink, log_file: Path | None) -> dict:
@@ -192,17 +199,16 @@ def run_sites(cfg: ProfileConfig, todo: list, sink: SiteSink, log_file: Path | N
         per_plate[key.plate] = per_plate.get(key.plate, 0) + 1
     progress: PlateProgress | None = None
 
-    def on_site(key: SiteKey, cells: pd.DataFrame | None) -> None:
+    def on_site(key: SiteKey, n_cells: int | None) -> None:
         if progress is not None:
-            progress.site_done(key, None if cells is None else len(cells))
+            progress.site_done(key, n_cells)
 
-    collector = SiteCollector(sink.site, sink.skip, {p: i.channels for p, i in sink.plates.items()}, on_site,
-                              cfg.feature_sets)
+    collector = SiteCollector(sink.site, sink.skip, sink.channels, on_site, cfg.feature_sets)
     t_run = time.perf_counter()
     with ray_output_to(log_file) as terminal:
         progress = PlateProgress(per_plate, stream=terminal) if cfg.run.progress else None
         try:
-            pools = run_on_ray(cfg, todo, collector)
+            pools = run_on_ray(cfg, todo, collector, sink if cfg.run.site_writes == "workers" else None)
         except Exception:  # a bug, or the cluster failing: the traceback goes to the log and up
             log.exception("profile failed after %d of %d site(s); finished sites stay written, a rerun of "
                           "the same command does the rest", collector.sites_done, sum(per_plate.values()))
@@ -214,8 +220,10 @@ def run_sites(cfg: ProfileConfig, todo: list, sink: SiteSink, log_file: Path | N
         raise RuntimeError(f"{len(collector.incomplete())} site(s) did not receive all their planes: "
                            f"{collector.incomplete()[:5]}")
     seconds = time.perf_counter() - t_run
-    return {"duplicate_rows_ignored": collector.duplicates, "pipeline_seconds": round(seconds, 2),
+    return {"sites_written": collector.sites_written, "sites_skipped": collector.sites_skipped,
+            "duplicate_rows_ignored": collector.duplicates, "pipeline_seconds": round(seconds, 2),
             "encoder_busy_seconds": round(collector.encode_seconds, 2), "encoder_actors": pools["encoder_actors"],
+            "encoder_arithmetic": sorted(collector.arithmetic),
             "encoder_busy_share": round(collector.encode_seconds / max(1e-9, pools["encoder_actors"] * seconds), 3)}
 
 
@@ -262,8 +270,7 @@ def run_profile(cfg: ProfileConfig, progress_print=print, log_file: str | Path |
                   "illumination": illumination}
     sink = SiteSink(layout, plates, platemap, provenance, {it.key: it.file_name for it in items
                                                             if isinstance(it, FileField)})
-    counts = run_sites(cfg, todo, sink, log_file) if todo else {}
-    counts.update(sites_written=sink.written, sites_skipped=sink.skipped)
+    counts = run_sites(cfg, todo, sink, log_file) if todo else {"sites_written": 0, "sites_skipped": 0}
     # post-process: wells, sphering, treatments, the summary
     summary = postprocess(cfg, plates, layout, work.problems, provenance, platemap)
     summary["seconds"] = round(time.perf_counter() - t0, 1)

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
-
-import numpy as np
 import pandas as pd
 
-from ..profiles.aggregate import feature_columns
 from ..plots import pca_png, plate_layout_png
 from .layout import WELL
 

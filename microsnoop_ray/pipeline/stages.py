@@ -10,8 +10,11 @@ notebooks, unit tests) and on Ray Data (:func:`~microsnoop_ray.pipeline.executor
                          (:data:`PLANE`), ``Metadata_ObjectNumber`` and window columns; with
                          ``cellprofiler`` features, the cell's CellProfiler measurements (``cp``,
                          float64 bytes) on its channel-0 row, measured here on the cell's own object
-``EncodeStage`` (actor)  pads, normalises and encodes on its device: ``features`` (n, 256)
-:class:`SiteCollector`   on the driver: writes every site once all its planes have arrived
+``EncodeStage`` (actor)  pads, normalises and encodes on its device: ``features`` (n, 256); given a
+                         ``sink``, it also writes every site whose planes all came in one call, where
+                         they were encoded, and hands on a single :data:`DONE` row for it
+:class:`SiteCollector`   on the driver: counts the DONE rows, and writes the sites whose planes came
+                         in several calls (a site split into cell chunks) once all have arrived
 
 Every row carries the number of planes its site produces (``site_planes``) and how many of them
 it stands for (``count``), so the collector knows when a site is complete. A site (or a chunk of
@@ -38,8 +41,10 @@ from .config import CropConfig, EncodeConfig, SegmentationConfig
 
 log = logging.getLogger(__name__)
 
-#: Row kinds: a crop to encode; a whole site skipped (``reason``); one cell left out (``reason``).
-PLANE, SKIP, DROP = "plane", "skip", "drop"
+#: Row kinds: a crop to encode; a whole site skipped (``reason``); one cell left out (``reason``); a site
+#: written by the encoder actor (``cells`` of them; ``reason`` the skip reason when it had none), standing
+#: for all its planes.
+PLANE, SKIP, DROP, DONE = "plane", "skip", "drop", "done"
 CROP_COLUMNS = ("crop", "crop_h", "crop_w", "crop_dtype")
 #: Per-object columns. ``Metadata_ObjectNumber`` is 0 on site rows (0 is the background of a label image).
 OBJECT_COLUMNS = ("Metadata_Location_Center_X", "Metadata_Location_Center_Y", "Metadata_Object_Area",
@@ -322,16 +327,25 @@ class EncodeStage:
     Parameters
     ----------
     encode : EncodeConfig
-        Weights, normalisation, precision, compile, threads (``device`` ``auto``: CUDA if available).
+        Weights, normalisation, precision, compile, threads (``device`` ``auto``: CUDA if available),
+        and ``batch_size``, the planes per forward pass.
     device : str, optional
         Overrides ``encode.device`` (the Ray executor passes what the cluster has).
     features : tuple of str
         Without ``microsnoop`` the crops pass through unencoded (zero features, dropped by the
         collector); the model is still loaded, for its id in the output layout.
+    sink : object with ``site`` and ``skip`` methods, optional
+        Where finished sites go (``plate_job.SiteSink``). Given one, every site whose planes all
+        arrived in this call is assembled and written here, on the encoder's node, and leaves as one
+        :data:`DONE` row: the driver then receives a small record per site instead of every plane's
+        features (what lets one driver feed many GPUs). The rows of other sites leave encoded, for
+        the driver's :class:`SiteCollector`.
+    channels : dict plate -> list of channel names
+        With ``sink``: the channel names the site tables use.
     """
 
     def __init__(self, encode: EncodeConfig = EncodeConfig(), device: str | None = None,
-                 features: tuple[str, ...] = ("microsnoop",)):
+                 features: tuple[str, ...] = ("microsnoop",), sink=None, channels: dict | None = None):
         import torch
 
         from ..encode.embed import Encoder
@@ -341,22 +355,67 @@ class EncodeStage:
         if device == "cpu":
             torch.set_num_threads(int(encode.threads or len(os.sched_getaffinity(0))))
         self.encoder = Encoder(encode.weights, device=device, compile=encode.compile, precision=encode.precision)
-        self.normalization = encode.normalization
+        a = self.encoder.arithmetic
+        self.arithmetic = f"{a['precision']} ({a['why']})"
+        self.normalization, self.batch_size = encode.normalization, max(1, int(encode.batch_size))
+        self.features = features
         self.encode = "microsnoop" in features
+        self.sink, self.channels = sink, channels
+        if sink is not None and channels is None:
+            raise ValueError("EncodeStage: a sink needs the plates' channel names")
+        if sink is not None and not sink.layout.root.is_dir():
+            import socket
+            raise RuntimeError(f"the output folder {sink.layout.root} is not visible on node {socket.gethostname()}: "
+                               "put OUT on storage every node sees (as the inputs are), or set run.site_writes: "
+                               "driver")
 
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()
         n = len(batch["kind"])
         feats = np.zeros((n, EMBED_DIM), np.float32)
-        real = batch["kind"] == PLANE
-        if self.encode and real.any():
-            feats[real] = self.encoder.embed_crops(crops_of({k: batch[k][real] for k in CROP_COLUMNS}),
-                                                   self.normalization)
+        real = np.flatnonzero(batch["kind"] == PLANE)
+        if self.encode:
+            for start in range(0, len(real), self.batch_size):
+                idx = real[start:start + self.batch_size]
+                feats[idx] = self.encoder.embed_crops(crops_of({k: batch[k][idx] for k in CROP_COLUMNS}),
+                                                      self.normalization)
         batch = {k: v for k, v in batch.items() if k not in CROP_COLUMNS}
         batch["features"] = feats
         # the actor's busy time, spread over the rows (the driver sums it: encoder utilisation)
         batch["encode_seconds"] = np.full(n, (time.perf_counter() - t0) / max(1, n))
-        return batch
+        batch["arithmetic"] = np.full(n, self.arithmetic, dtype=object)  # decided on the actor's own node
+        batch["cells"] = np.zeros(n, np.int64)
+        return batch if self.sink is None else self._write_complete_sites(batch)
+
+    def _write_complete_sites(self, batch: dict) -> dict:
+        """Write the sites complete in ``batch`` here; a DONE row for each, then the other sites' rows."""
+        done: dict[SiteKey, int] = {}
+        reasons: dict[SiteKey, str] = {}
+
+        def skip(key: SiteKey, reason: str) -> None:
+            self.sink.skip(key, reason)
+            reasons[key] = reason
+
+        here = SiteCollector(self.sink.site, skip, self.channels, features=self.features,
+                             on_site=lambda key, n_cells: done.__setitem__(key, n_cells or 0))
+        here.add(batch)
+        if not done:
+            return batch
+        sites = [SiteKey(p, w, int(s)) for p, w, s in zip(batch["plate"], batch["well"], batch["site"])]
+        first, rows_of = {}, {}
+        for i, k in enumerate(sites):
+            first.setdefault(k, i)
+            rows_of[k] = rows_of.get(k, 0) + 1
+        keys = list(done)
+        rows = {k: v[[first[key] for key in keys]].copy() for k, v in batch.items()}
+        rows["kind"][:] = DONE
+        rows["count"] = rows["site_planes"].copy()
+        rows["cells"] = np.array([done[key] for key in keys], np.int64)
+        rows["reason"] = np.array([reasons.get(key, "") for key in keys], dtype=object)
+        rows["features"][:] = 0
+        rows["encode_seconds"] = batch["encode_seconds"][0] * np.array([rows_of[key] for key in keys], float)
+        rest = [part for key, parts in here.pending.items() for part in parts]
+        return concat_rows([rows] + rest)
 
 
 # --------------------------------------------------------------------------- collect (driver)
@@ -366,13 +425,14 @@ class SiteCollector:
 
     Parameters
     ----------
-    write_site : callable(key: SiteKey, cells: DataFrame, dropped: list of dict, rejected: int) -> None
+    write_site : callable(key: SiteKey, cells: DataFrame, dropped: list of dict, rejected: int, arithmetic: str)
         ``cells`` as :func:`assemble_cells`; ``dropped`` the cells left out (``Metadata_ObjectNumber``,
-        ``reason``); ``rejected`` the objects found but not cropped (border, size).
+        ``reason``); ``rejected`` the objects found but not cropped (border, size); ``arithmetic``
+        the encoder's (its actors decide it on their own nodes: several are joined by ``; ``).
     write_skip : callable(key: SiteKey, reason: str) -> None
     channels : dict plate -> list of channel names
-    on_site : callable(key, cells or None), optional
-        Called after each site (progress lines).
+    on_site : callable(key, n_cells or None), optional
+        Called after each site, also those written by the encoder actors (progress lines).
     features : tuple of str
         The feature sets the per-cell tables hold (:func:`assemble_cells`).
     """
@@ -385,9 +445,10 @@ class SiteCollector:
         self.received: dict[SiteKey, int] = {}
         self.seen: dict[SiteKey, set] = {}
         self.done: set[SiteKey] = set()
-        self.sites_done = 0
+        self.sites_done = self.sites_written = self.sites_skipped = 0
         self.duplicates = 0
         self.encode_seconds = 0.0
+        self.arithmetic: set[str] = set()
 
     @staticmethod
     def _row_ids(part: dict) -> list[tuple]:
@@ -407,6 +468,9 @@ class SiteCollector:
             if key in self.done:
                 self.duplicates += len(idx)
                 continue
+            if (part["kind"] == DONE).any():
+                self._done_elsewhere(key, part)
+                continue
             seen = self.seen.setdefault(key, set())
             ids = self._row_ids(part)
             fresh = np.array([i not in seen for i in ids]) & ~pd.Series(ids, dtype=object).duplicated().to_numpy()
@@ -422,6 +486,22 @@ class SiteCollector:
             if self.received[key] >= int(part["site_planes"][0]):
                 self._finish(key)
 
+    def _done_elsewhere(self, key: SiteKey, part: dict) -> None:
+        """A DONE row: an encoder actor wrote the site (or its skip note) itself."""
+        for d in (self.pending, self.received, self.seen):  # rows of an earlier, split attempt
+            d.pop(key, None)
+        self.done.add(key)
+        self.sites_done += 1
+        i = int(np.flatnonzero(part["kind"] == DONE)[0])
+        written = not part["reason"][i]
+        if written:
+            self.sites_written += 1
+            self.arithmetic.add(str(part["arithmetic"][i]))
+        else:
+            self.sites_skipped += 1
+        if self.on_site is not None:
+            self.on_site(key, int(part["cells"][i]) if written else None)
+
     def _finish(self, key: SiteKey) -> None:
         rows = concat_rows(self.pending.pop(key))
         self.received.pop(key)
@@ -431,6 +511,7 @@ class SiteCollector:
         cells = None
         if (rows["kind"] == SKIP).any():
             self.write_skip(key, str(rows["reason"][rows["kind"] == SKIP][0]))
+            self.sites_skipped += 1
         else:
             drop = rows["kind"] == DROP
             dropped = [{"Metadata_ObjectNumber": int(o), "reason": str(r)}
@@ -438,11 +519,15 @@ class SiteCollector:
             kept = {k: v[~drop] for k, v in rows.items()}
             if len(kept["kind"]) == 0:
                 self.write_skip(key, f"every cell was left out ({dropped[0]['reason']})")
+                self.sites_skipped += 1
             else:
                 cells = assemble_cells(kept, self.channels[key.plate], self.features)
-                self.write_site(key, cells, dropped, int(kept["objects_rejected"].max()))
+                used = sorted(set(kept["arithmetic"].tolist())) if "arithmetic" in kept else []
+                self.arithmetic.update(used)
+                self.write_site(key, cells, dropped, int(kept["objects_rejected"].max()), "; ".join(used))
+                self.sites_written += 1
         if self.on_site is not None:
-            self.on_site(key, cells)
+            self.on_site(key, None if cells is None else len(cells))
 
     def incomplete(self) -> list[SiteKey]:
         return sorted(self.pending, key=str)
