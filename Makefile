@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 SHARED ?= ../shared/data
 # The exact set the tests ran with (pyproject.toml states ranges); the CPU torch build comes through it.
+# --no-compile: Python compiles what is imported on first use; compiling all of torch and Ray up front
+# costs install time for the many modules no test imports.
 CONSTRAINTS := constraints.txt
 
 .PHONY: install test demo screen bench clean
@@ -15,7 +17,7 @@ CONSTRAINTS := constraints.txt
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(FIND_LINKS) -c $(CONSTRAINTS) -e '.[dev,eval]'
+	$(PY) -m pip install --quiet --no-compile $(FIND_LINKS) -c $(CONSTRAINTS) -e '.[dev,eval]'
 	$(PY) -c "from importlib.metadata import version as v; import torch, ray, cellpose, zarr, anndata; print('installed', *(f'{p} {v(p)}' for p in ('torch', 'ray', 'pandas', 'anndata')))"
 	touch $(STAMP)
 
