@@ -2,8 +2,8 @@
 
 For each policy (which of the four down blocks run under bf16 autocast; pooling, the global average
 and the L2 normalisation stay fp32: ``MicrosnoopUNet.embed(x, torch.bfloat16, fp32_blocks)``; the
-product's ``bf16``, and ``auto`` on such a CPU, is "bf16 every block") it reports the speed-up over fp32 and the median relative error
-of the *centred* embeddings (each row minus the set's mean; ``evaluate.metrics.centred_relative_error``),
+product's ``bf16``, and ``auto`` on such a CPU, is "fp32 first block") it reports the speed-up over
+fp32 and the median relative error of the *centred* embeddings (each row minus the set's mean; ``evaluate.metrics.centred_relative_error``),
 never cosine: every embedding shares one large component, so cosine reads 1.000 over a 30 % error.
 
 Cells: every 50th BBBC021 cell of ``../shared/data/bbbc021_chx`` (a dev set), 64 cells x 3 channels,
@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-#: policy -> the down blocks kept in fp32 (None: all fp32); the product's bf16 is "bf16 every block"
+#: policy -> the down blocks kept in fp32 (None: all fp32); the product's bf16 is "fp32 first block"
+#: (``encode.embed.FP32_BLOCKS``)
 POLICIES = {"fp32": None, "bf16 every block": (), "fp32 first block": (0,), "fp32 last block": (3,),
             "fp32 first and last": (0, 3)}
 
@@ -59,7 +60,7 @@ def embed_policy(model, x: torch.Tensor, policy, batch: int = 32) -> tuple[np.nd
 def dev_knn(weights) -> dict:
     """The weights study's dev-set measures (kNN k = 5, 11, 21, MLP, silhouette) with the encoder in fp32
     and in the product's bf16, on the same cells (benchmarks/weights_study.py's cells)."""
-    from microsnoop_ray.encode.embed import Encoder, embed
+    from microsnoop_ray.encode.embed import FP32_BLOCKS, Encoder, embed
     from microsnoop_ray.model import load_model
     from weights_study import dev_cells, score
 
@@ -70,7 +71,8 @@ def dev_knn(weights) -> dict:
     for name, (images, tasks) in dev_cells(100, 120).items():
         feats = {}
         for precision in ("fp32", "bf16"):  # cached per weights, cells and arithmetic: a rerun only scores
-            f = cache / f"{name}-{len(images)}-{model.model_card.weights_sha256[:16]}-{precision}.npy"
+            arith = precision if precision == "fp32" else f"{precision}-fp32blocks{''.join(map(str, FP32_BLOCKS))}"
+            f = cache / f"{name}-{len(images)}-{model.model_card.weights_sha256[:16]}-{arith}.npy"
             if not f.exists():
                 np.save(f, embed(images, encoder=Encoder(model, precision=precision), batch_size=48))
             feats[precision] = np.load(f)

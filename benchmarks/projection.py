@@ -20,7 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def human(seconds: float) -> str:
@@ -33,6 +38,14 @@ def human(seconds: float) -> str:
     if seconds < 730 * 86400:
         return f"{seconds / 86400:.0f} days"
     return f"{seconds / (365 * 86400):.1f} years"
+
+
+def product_policy() -> str:
+    """The bf16_cpu.py policy that the encoder's bf16 is (``encode.embed.FP32_BLOCKS``)."""
+    from bf16_cpu import POLICIES
+    from microsnoop_ray.encode.embed import FP32_BLOCKS
+
+    return next(name for name, blocks in POLICIES.items() if blocks == tuple(FP32_BLOCKS))
 
 
 def project(orch: dict, bf16: dict, plates: int, wells: int, sites: int, cells: int, channels: int,
@@ -52,7 +65,7 @@ def project(orch: dict, bf16: dict, plates: int, wells: int, sites: int, cells: 
         rows.append({"what": f"{n} GPU{'s' if n > 1 else ''}", "planes_per_s": round(rate),
                      "encode": human(planes / rate), "limit": "driver" if n * gpu > ceiling else "GPUs"})
     node_fp32 = bf16["fp32_planes_per_s"]
-    node_bf16 = node_fp32 * bf16["policies"]["bf16 every block"]["speedup_vs_fp32"]
+    node_bf16 = node_fp32 * bf16["policies"][product_policy()]["speedup_vs_fp32"]
     for n in cpu_nodes:
         rate = min(n * node_bf16, ceiling)
         rows.append({"what": f"{n} CPU node{'s' if n > 1 else ''} (2 cores, bf16)", "planes_per_s": round(rate, 1),

@@ -19,10 +19,15 @@ from .preprocess import pad_center, normalize_percentile, pad_normalize_torch
 
 #: encoder arithmetic. ``auto``: bf16 where the hardware runs it natively (a CPU with AVX-512 BF16 or
 #: AMX, a CUDA device with bf16), else fp32; ``tf32``: TF32 matmuls and convolutions (CUDA);
-#: ``bf16``/``fp16``: the residual blocks in that type, pooling and normalisation in fp32
+#: ``bf16``/``fp16``: the residual blocks but the first in that type, pooling and normalisation in fp32
 #: (:meth:`~microsnoop_ray.model.MicrosnoopUNet.embed`)
 PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
 _LOWER = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: Down blocks that stay fp32 under bf16/fp16. The first works on the raw normalised pixels at full
+#: resolution; in bf16 it moved the dev sets' kNN by up to 0.0104 (chx dose, k = 21) against fp32, kept
+#: in fp32 the centred error falls from 0.016 to 0.005 and the speed-up from 2.2x to 1.7x
+#: (``benchmarks/bf16_cpu.py --dev``).
+FP32_BLOCKS = (0,)
 
 
 def native_bf16(device: torch.device) -> str | None:
@@ -140,10 +145,11 @@ class Encoder:
     precision : {"auto", "fp32", "tf32", "bf16", "fp16"}
         ``auto`` (the default) is ``bf16`` where the device runs it natively, else ``fp32``
         (:func:`resolve_precision`; :attr:`arithmetic` records the choice). ``bf16``/``fp16`` run
-        the residual blocks in that type and the pooling, global average and L2 normalisation in
-        fp32; on this project's AVX-512 BF16 CPU that is 2.3x faster than fp32 at a median
-        relative error of the centred embeddings of 0.016 (``benchmarks/bf16_cpu.py``). ``tf32``
-        allows TF32 matmuls and convolutions on CUDA.
+        the residual blocks after the first (:data:`FP32_BLOCKS`) in that type, and the first
+        block, the pooling, the global average and the L2 normalisation in fp32; on this
+        project's AVX-512 BF16 CPU that is about 1.7x faster than fp32 at a median relative error
+        of the centred embeddings of 0.005 (``benchmarks/bf16_cpu.py``). ``tf32`` allows TF32
+        matmuls and convolutions on CUDA.
     compile : bool
         Wrap the encoder in ``torch.compile``: on 2 CPU cores about 1.4x faster
         at 224 and 3x at 64 (benchmarks/encoder.py), after a one-off compile of
@@ -160,7 +166,8 @@ class Encoder:
         #: what the provenance records: the arithmetic used, what was asked, and why
         self.arithmetic = {"precision": self.precision, "asked": precision, "why": why}
         if self.precision in _LOWER:
-            self.arithmetic["fp32"] = "max pooling, global average, L2 normalisation"
+            self.arithmetic["fp32"] = (f"down block(s) {', '.join(map(str, FP32_BLOCKS))}, max pooling, "
+                                       "global average, L2 normalisation")
         if self.precision == "tf32" and self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -169,7 +176,7 @@ class Encoder:
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         lower = _LOWER.get(self.precision)
-        self._fn = (lambda x: self.model.embed(x, lower)) if lower is not None else self.model.embed
+        self._fn = (lambda x: self.model.embed(x, lower, FP32_BLOCKS)) if lower is not None else self.model.embed
         self.compiled = bool(compile)
         self._fixed_batch = 0
         if compile:
