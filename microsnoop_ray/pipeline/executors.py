@@ -131,7 +131,7 @@ def ray_dataset(cfg: ProfileConfig, items: list[WorkItem], sink=None, channels: 
     enc_res = {"num_gpus": enc_gpus} if use_gpu else {"num_cpus": enc_cpus}
     if enc.resources:
         enc_res["resources"] = dict(enc.resources)
-    per_block = cfg.run.items_per_block or -(-len(items) // 1000)
+    per_block = cfg.run.items_per_block or max(1, -(-len(items) // 1000))
     ds = ray.data.from_items([{"item": it} for it in items], override_num_blocks=max(1, -(-len(items) // per_block)))
     ds = ds.map(read_row, num_cpus=read_cpus)
     ds = ds.map_batches(CropStage, fn_constructor_args=(seg, crop, seg_gpu, None, None, cfg.feature_sets),

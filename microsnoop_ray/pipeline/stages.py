@@ -321,6 +321,14 @@ class CropStage:
 
 # --------------------------------------------------------------------------- encode (actor pool)
 
+def site_rows(batch: dict) -> dict[SiteKey, list[int]]:
+    """The row indices of each site in ``batch``, sites in order of first appearance."""
+    groups: dict[SiteKey, list[int]] = {}
+    for i, key in enumerate(zip(batch["plate"], batch["well"], batch["site"])):
+        groups.setdefault(SiteKey(key[0], key[1], int(key[2])), []).append(i)
+    return groups
+
+
 class EncodeStage:
     """Pads, normalises and encodes the crops on the encoder's device; the model is loaded once per actor.
 
@@ -401,19 +409,15 @@ class EncodeStage:
         here.add(batch)
         if not done:
             return batch
-        sites = [SiteKey(p, w, int(s)) for p, w, s in zip(batch["plate"], batch["well"], batch["site"])]
-        first, rows_of = {}, {}
-        for i, k in enumerate(sites):
-            first.setdefault(k, i)
-            rows_of[k] = rows_of.get(k, 0) + 1
+        groups = site_rows(batch)
         keys = list(done)
-        rows = {k: v[[first[key] for key in keys]].copy() for k, v in batch.items()}
+        rows = {k: v[[groups[key][0] for key in keys]].copy() for k, v in batch.items()}
         rows["kind"][:] = DONE
         rows["count"] = rows["site_planes"].copy()
         rows["cells"] = np.array([done[key] for key in keys], np.int64)
         rows["reason"] = np.array([reasons.get(key, "") for key in keys], dtype=object)
         rows["features"][:] = 0
-        rows["encode_seconds"] = batch["encode_seconds"][0] * np.array([rows_of[key] for key in keys], float)
+        rows["encode_seconds"] = batch["encode_seconds"][0] * np.array([len(groups[key]) for key in keys], float)
         rest = [part for key, parts in here.pending.items() for part in parts]
         return concat_rows([rows] + rest)
 
@@ -459,11 +463,7 @@ class SiteCollector:
         node died) is counted once; rows of a site already handed on are ignored."""
         if "encode_seconds" in batch:
             self.encode_seconds += float(np.sum(batch["encode_seconds"]))
-        keys = [SiteKey(p, w, int(s)) for p, w, s in zip(batch["plate"], batch["well"], batch["site"])]
-        groups: dict[SiteKey, list[int]] = {}
-        for i, k in enumerate(keys):
-            groups.setdefault(k, []).append(i)
-        for key, idx in groups.items():
+        for key, idx in site_rows(batch).items():
             part = {k: np.asarray(v)[idx] for k, v in batch.items()}
             if key in self.done:
                 self.duplicates += len(idx)
