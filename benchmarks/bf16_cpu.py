@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 #: policy -> the down blocks kept in fp32 (None: all fp32); the product's bf16 is "fp32 first block"
-#: (``encode.embed.FP32_BLOCKS``)
+#: (``encode.precision.FP32_BLOCKS``)
 POLICIES = {"fp32": None, "bf16 every block": (), "fp32 first block": (0,), "fp32 last block": (3,),
             "fp32 first and last": (0, 3)}
 
@@ -60,7 +60,8 @@ def embed_policy(model, x: torch.Tensor, policy, batch: int = 32) -> tuple[np.nd
 def dev_knn(weights) -> dict:
     """The weights study's dev-set measures (kNN k = 5, 11, 21, MLP, silhouette) with the encoder in fp32
     and in the product's bf16, on the same cells (benchmarks/weights_study.py's cells)."""
-    from microsnoop_ray.encode.embed import FP32_BLOCKS, Encoder, embed
+    from microsnoop_ray.encode.embed import Encoder, embed
+    from microsnoop_ray.encode.precision import FP32_BLOCKS
     from microsnoop_ray.model import load_model
     from weights_study import dev_cells, score
 

@@ -41,9 +41,9 @@ def human(seconds: float) -> str:
 
 
 def product_policy() -> str:
-    """The bf16_cpu.py policy that the encoder's bf16 is (``encode.embed.FP32_BLOCKS``)."""
+    """The bf16_cpu.py policy that the encoder's bf16 is (``encode.precision.FP32_BLOCKS``)."""
     from bf16_cpu import POLICIES
-    from microsnoop_ray.encode.embed import FP32_BLOCKS
+    from microsnoop_ray.encode.precision import FP32_BLOCKS
 
     return next(name for name, blocks in POLICIES.items() if blocks == tuple(FP32_BLOCKS))
 

@@ -89,3 +89,18 @@ def test_no_function_longer_than_100_lines():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 100:
                 long.append(f"{f.relative_to(PACKAGE)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
     assert not long, long
+
+
+def test_the_read_and_crop_stages_import_without_torch():
+    """Ray starts a worker process per read task and crop actor on every node; each that imports torch
+    spends seconds of CPU and hundreds of MB on it before its first row. Only the encoder needs it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from microsnoop_ray.pipeline.stages import CropStage, read_row; "
+            "from microsnoop_ray.pipeline.config import ProfileConfig, SegmentationConfig, CropConfig; "
+            "CropStage(SegmentationConfig(), CropConfig()); import microsnoop_ray; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]", out

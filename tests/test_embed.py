@@ -86,13 +86,13 @@ def test_bf16_stays_faithful_to_fp32_on_real_cells(mlcp_cells):
 def test_auto_precision_follows_what_the_device_offers(monkeypatch, published_ckpt):
     import torch
 
-    from microsnoop_ray.encode import embed as embed_module
+    from microsnoop_ray.encode import precision as precision_module
 
     model = load_model(published_ckpt)
-    monkeypatch.setattr(embed_module, "native_bf16", lambda device: None)
+    monkeypatch.setattr(precision_module, "native_bf16", lambda device: None)
     plain = Encoder(model, precision="auto")
     assert plain.precision == "fp32" and plain.arithmetic["asked"] == "auto" and "no native bf16" in plain.arithmetic["why"]
-    monkeypatch.setattr(embed_module, "native_bf16", lambda device: "CPU with AMX (amx_bf16)")
+    monkeypatch.setattr(precision_module, "native_bf16", lambda device: "CPU with AMX (amx_bf16)")
     fast = Encoder(model, precision="auto")
     assert fast.precision == "bf16" and "amx_bf16" in fast.arithmetic["why"]
     assert Encoder(model, precision="fp32").arithmetic == {"precision": "fp32", "asked": "fp32", "why": "asked for"}
@@ -100,4 +100,4 @@ def test_auto_precision_follows_what_the_device_offers(monkeypatch, published_ck
         Encoder(model, precision="int8")
     x = torch.rand(2, 1, 64, 64)
     with torch.inference_mode():
-        np.testing.assert_allclose(fast._fn(x).numpy(), model.embed(x, torch.bfloat16, embed_module.FP32_BLOCKS).numpy())
+        np.testing.assert_allclose(fast._fn(x).numpy(), model.embed(x, torch.bfloat16, precision_module.FP32_BLOCKS).numpy())

@@ -19,12 +19,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-#: Feature widths of the four encoder levels.
-WIDTHS: tuple[int, ...] = (32, 64, 128, 256)
-#: Length of the style vector and of the per-channel embedding.
-EMBED_DIM = 256
-#: Side of the network's input in the published recipe.
-INPUT_SIZE = 224
+from .contract import EMBED_DIM, INPUT_SIZE, WIDTHS
+
 
 
 def brc(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:

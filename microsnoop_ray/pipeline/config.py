@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 from ..config import add_field_argument, flag_of, option
 from ..crop.windows import BORDER_MODES, RESCALE_CONSTANT, TILE_OVERLAP
-from ..encode.embed import PRECISIONS
+from ..encode.precision import PRECISIONS
 from ..features.cellprofiler import parse_feature_sets
 from ..crop.field import MODES
 from ..io.sources import CELLS_PER_CHUNK
