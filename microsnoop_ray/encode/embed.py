@@ -127,6 +127,14 @@ class Encoder:
         self._fn = (lambda x: self.model.embed(x, lower, FP32_BLOCKS)) if lower is not None else self.model.embed
         self.compiled = bool(compile)
         self._fixed_batch = 0
+        if compile and self.device.type == "cpu":
+            # Freezing makes the weights constants, folded and prepacked for oneDNN: on this project's
+            # CPU 1.5x faster in bf16 and 1.4x in fp32 than compiling without it. Inductor reads it
+            # from its global config (``torch.compile(options=...)`` and a patch around the call do
+            # not reach it); it only changes graphs compiled without autograd, as here.
+            import torch._inductor.config as inductor
+
+            inductor.freezing = True
         if compile:
             self._fn = torch.compile(self._fn, dynamic=False)
 
