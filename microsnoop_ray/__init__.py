@@ -14,21 +14,26 @@ from .errors import InputError, MicrosnoopError, WeightsError
 
 __version__ = "0.1.0"
 
-_LAZY = {
+
+def lazy_exports(package: str, modules: dict[str, tuple[str, ...]]):
+    """``(__getattr__, __dir__, names)`` for ``package``, whose ``modules`` (relative names) export
+    ``names``: each module is imported when one of its names is first asked for."""
+    where = {name: module for module, names in modules.items() for name in names}
+
+    def getattr_(name: str):
+        if name in where:
+            return getattr(importlib.import_module(f".{where[name]}", package), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    def dir_() -> list[str]:
+        return sorted(set(vars(importlib.import_module(package))) | set(where))
+
+    return getattr_, dir_, list(where)
+
+
+__getattr__, __dir__, _lazy = lazy_exports(__name__, {
     "model": ("load_model", "save_model", "MicrosnoopUNet", "ModelCard"),
     "encode.embed": ("embed", "Encoder", "feature_names"),
     "profiles.aggregate": ("feature_columns",),
-}
-_WHERE = {name: module for module, names in _LAZY.items() for name in names}
-
-__all__ = [*_WHERE, "InputError", "WeightsError", "MicrosnoopError"]
-
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+})
+__all__ = [*_lazy, "InputError", "WeightsError", "MicrosnoopError"]
