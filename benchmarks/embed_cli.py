@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
     from microsnoop_ray.evaluate.metrics import centred_relative_error
+    from microsnoop_ray.pipeline.embed_job import COMPILE_FROM
 
     tmp = Path(tempfile.mkdtemp())
     images = np.load(DATA / "cells.npz")["images"]
@@ -60,7 +61,7 @@ def main() -> None:
     print(json.dumps({
         "command": f"python benchmarks/embed_cli.py --cells {args.cells} --seed {args.seed}",
         "machine": {"cpus": len(os.sched_getaffinity(0)), "processor": platform.processor() or platform.machine()},
-        "cells": args.cells, "planes": planes, "compiled": planes >= 512,
+        "cells": args.cells, "planes": planes, "compiled": planes >= COMPILE_FROM,
         "inductor_cache": "empty for each command", "runs": runs,
         "speedup_default_vs_fp32": round(runs["fp32"]["wall_s"] / runs["default"]["wall_s"], 2),
         "centred_median_relative_error": round(float(centred_relative_error(a[feats].to_numpy(),

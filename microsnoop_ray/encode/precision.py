@@ -13,7 +13,7 @@ from __future__ import annotations
 PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
 #: Down blocks that stay fp32 under bf16/fp16. The first works on the raw normalised pixels at full
 #: resolution; in bf16 it moved the dev sets' kNN by up to 0.0104 (chx dose, k = 21) against fp32, kept
-#: in fp32 the centred error falls from 0.016 to 0.005 and the speed-up from 2.2x to 1.7x
+#: in fp32 the centred error falls from 0.016 to 0.005 and the speed-up from 2.1x to 1.6x
 #: (``benchmarks/bf16_cpu.py --dev``).
 FP32_BLOCKS = (0,)
 

@@ -19,8 +19,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .contract import EMBED_DIM, INPUT_SIZE, WIDTHS
-
+from .contract import EMBED_DIM, WIDTHS
 
 
 def brc(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:
