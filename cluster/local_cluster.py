@@ -169,6 +169,9 @@ class LocalCluster:
         node.log = self.root / f"{node.name}.log"
         env = self.env(for_jobs=False)
         env.pop("RAY_ADDRESS")
+        # No idle workers started ahead of demand: on a machine this small they start cold all at once
+        # (one per logical CPU of every node, per job) and slow the job's real workers to a crawl.
+        env.update(RAY_prestart_worker_first_driver="0", RAY_enable_worker_prestart="0")
         with open(node.log, "ab") as log:
             node.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                          cwd=str(self.root))
@@ -278,14 +281,17 @@ class LocalCluster:
         if node.proc is not None:
             node.proc.wait(timeout=30)  # our child: collect its exit status
 
-    def stop(self) -> None:
-        """Stop every node of this cluster: workers first, then the head (SIGTERM, then SIGKILL)."""
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop every node of this cluster: the workers together first, then the head (SIGTERM, then SIGKILL
+        after ``grace`` seconds: the head's GCS outwaits any longer one, with no job left to finish)."""
         self._record_pids()
-        for name in [n for n in self.nodes if n != "head"] + (["head"] if "head" in self.nodes else []):
-            node = self.nodes[name]
-            self._signal(node, signal.SIGTERM)
-            self._reap(node)
-            self._signal(node, signal.SIGKILL)  # anything the group started after the pids were recorded
+        workers = [n for name, n in self.nodes.items() if name != "head"]
+        for group in (workers, [self.nodes["head"]] if "head" in self.nodes else []):
+            for node in group:
+                self._signal(node, signal.SIGTERM)
+            for node in group:
+                self._reap(node, timeout=grace)
+                self._signal(node, signal.SIGKILL)  # anything the group started after the pids were recorded
         self._save()
 
     @classmethod

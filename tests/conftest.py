@@ -141,3 +141,6 @@ def pytest_collection_modifyitems(config, items):
         source = inspect.getsource(item.function) if hasattr(item, "function") else ""
         if fixtures & _DATA_FIXTURES or any(s in source for s in ("shared(", "transfluor_images(", "SHARED")):
             item.add_marker(pytest.mark.data)
+    # The cluster's tests first: its module fixture then stops the cluster before any test starts the
+    # in-process runtime (ray_session), so two Ray runtimes never share this machine's cores.
+    items.sort(key=lambda item: not item.get_closest_marker("cluster"))

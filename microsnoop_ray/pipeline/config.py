@@ -70,6 +70,8 @@ class CropConfig:
     actors: int | None = option(None, "crop actors (default: the cluster's spare CPUs)", flag="--crop-actors")
     cpus: float = option(0.5, "CPUs per crop actor", flag="--crop-cpus")
     resources: dict | None = option(None, "custom Ray resources per crop actor", flag=None)
+    reads_in_flight: int | None = option(None, "read tasks running at once (default: two per crop actor, "
+                                               "enough to keep each fed; more for slow object storage)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,8 +208,10 @@ class ProfileConfig:
         sets = self.feature_sets
         if "cellprofiler" in sets and self.crop.mode != "cells":
             raise ValueError(f"features cellprofiler measures cells: it needs crop.mode cells, not {self.crop.mode!r}")
-        if self.encode.batch_size < 1 or self.run.cells_chunk < 1 or (self.run.items_per_block or 1) < 1:
-            raise ValueError("encode.batch_size, run.cells_chunk and run.items_per_block must be at least 1")
+        if min(self.encode.batch_size, self.run.cells_chunk, self.run.items_per_block or 1,
+               self.crop.reads_in_flight or 1) < 1:
+            raise ValueError("encode.batch_size, run.cells_chunk, run.items_per_block and crop.reads_in_flight "
+                             "must be at least 1")
 
     @property
     def feature_sets(self) -> tuple[str, ...]:

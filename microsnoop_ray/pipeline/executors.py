@@ -116,8 +116,11 @@ def ray_dataset(cfg: ProfileConfig, items: list[WorkItem], sink=None, channels: 
     spare = cpus - n_enc * enc_cpus - 0.5
     n_crop = crop.actors or _fits(res, crop.resources) or max(1, int(spare // crop.cpus))
     read_cpus = min(0.25, max(0.05, spare))
-    log.info("pipeline: %d crop actor(s) x %.2f CPU, %d encoder actor(s) x %s, reads %.2f CPU", n_crop,
-             crop.cpus, n_enc, "1 GPU" if use_gpu else f"{enc_cpus} CPU", read_cpus)
+    # Capped: each read task is a worker process that starts cold, and a CPU budget alone lets a
+    # cluster with spare CPUs start dozens at once, all before the first crop actor is up.
+    n_reads = crop.reads_in_flight or 2 * n_crop
+    log.info("pipeline: %d crop actor(s) x %.2f CPU, %d encoder actor(s) x %s, up to %d reads x %.2f CPU",
+             n_crop, crop.cpus, n_enc, "1 GPU" if use_gpu else f"{enc_cpus} CPU", n_reads, read_cpus)
     crop_res = {"num_cpus": crop.cpus}
     enc_gpus, seg_gpu = 1.0, False
     if use_gpu and seg.gpu_share > 0:
@@ -133,7 +136,7 @@ def ray_dataset(cfg: ProfileConfig, items: list[WorkItem], sink=None, channels: 
         enc_res["resources"] = dict(enc.resources)
     per_block = cfg.run.items_per_block or max(1, -(-len(items) // 1000))
     ds = ray.data.from_items([{"item": it} for it in items], override_num_blocks=max(1, -(-len(items) // per_block)))
-    ds = ds.map(read_row, num_cpus=read_cpus)
+    ds = ds.map(read_row, num_cpus=read_cpus, concurrency=n_reads)
     ds = ds.map_batches(CropStage, fn_constructor_args=(seg, crop, seg_gpu, None, None, cfg.feature_sets),
                         batch_size=seg.fields_per_batch,
                         batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=n_crop), **crop_res)
