@@ -131,6 +131,7 @@ _NETWORK_FIXTURES = {"registry_example", "stardist_nuclei"}
 
 def pytest_collection_modifyitems(config, items):
     import inspect
+    from collections import Counter
 
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
@@ -141,6 +142,8 @@ def pytest_collection_modifyitems(config, items):
         source = inspect.getsource(item.function) if hasattr(item, "function") else ""
         if fixtures & _DATA_FIXTURES or any(s in source for s in ("shared(", "transfluor_images(", "SHARED")):
             item.add_marker(pytest.mark.data)
-    # The cluster's tests first: its module fixture then stops the cluster before any test starts the
-    # in-process runtime (ray_session), so two Ray runtimes never share this machine's cores.
-    items.sort(key=lambda item: not item.get_closest_marker("cluster"))
+    # The cluster's tests first, then the modules with the most slow tests: `make test` hands whole
+    # modules to two workers (pytest-xdist, --dist loadfile) in this order, and the longest ones
+    # started first finish together. Stable sort: a module's tests keep their order.
+    slow = Counter(item.module.__name__ for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: (not item.get_closest_marker("cluster"), -slow[item.module.__name__]))

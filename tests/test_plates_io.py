@@ -91,3 +91,23 @@ def test_platemap_with_duplicate_wells_is_refused(tmp_path):
     pd.DataFrame({"Metadata_Well": ["A01", "A1"], "Metadata_pert_type": ["trt", "trt"]}).to_csv(tmp_path / "m.csv")
     with pytest.raises(InputError, match="more than once: A01"):
         read_platemap(tmp_path / "m.csv")
+
+
+def test_a_folder_filled_by_two_writers_at_once_is_one_writers_whole_copy(tmp_path):
+    """Two processes extracting the same registry example into the cache (two test workers, two jobs):
+    the first to finish wins, the second's copy is discarded, and a failed writer leaves nothing."""
+    from microsnoop_ray.io.atomic import atomic_dir
+
+    target = tmp_path / "cache" / "example"
+    with atomic_dir(target) as a, atomic_dir(target) as b:
+        (a / "x.txt").write_text("a")
+        (b / "x.txt").write_text("b")
+        (b / "y.txt").write_text("b")
+        assert not target.exists()  # nothing visible while both are writing
+    assert sorted(p.name for p in target.iterdir()) == ["x.txt", "y.txt"]  # b finished first: b's copy
+    assert (target / "x.txt").read_text() == "b"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["example"]  # a's staging folder is gone
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "failed") as c:
+        (c / "part.txt").write_text("half")
+        raise RuntimeError("download failed")
+    assert not (tmp_path / "failed").exists() and not list(tmp_path.glob(".failed*"))

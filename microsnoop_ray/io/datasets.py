@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 
 from ..config import cache_dir
 from ..errors import InputError
+from .atomic import atomic_dir
 
 #: name -> (requirement, binary?, member prefix inside the archive, or one member's whole name)
 EXAMPLES = {
@@ -75,7 +76,9 @@ def fetch_package_files(name: str, dest: str | os.PathLike | None = None) -> Pat
     done = target / ".complete"
     if done.exists():
         return target
-    with tempfile.TemporaryDirectory() as tmp:
+    if target.exists() and not done.exists():  # left incomplete by a version that extracted in place
+        shutil.rmtree(target)
+    with tempfile.TemporaryDirectory() as tmp, atomic_dir(target) as staging:
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", tmp, requirement,
                "--only-binary=:all:" if binary else "--no-binary=:all:"]
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -83,15 +86,14 @@ def fetch_package_files(name: str, dest: str | os.PathLike | None = None) -> Pat
         if r.returncode != 0 or not files:
             raise InputError(requirement, f"pip download failed: {(r.stderr or r.stdout).strip()[-400:]}")
         archive = files[0]
-        target.mkdir(parents=True, exist_ok=True)
         count = 0
         for rel, src in _members(archive, prefix):
-            out = target / rel
+            out = staging / rel
             out.parent.mkdir(parents=True, exist_ok=True)
             with src as s, open(out, "wb") as dst:
                 shutil.copyfileobj(s, dst)
             count += 1
         if count == 0:
             raise InputError(archive.name, f"no files under {prefix} in the distribution")
-    done.write_text(requirement + "\n")
+        (staging / ".complete").write_text(requirement + "\n")
     return target
