@@ -114,7 +114,8 @@ def cellpose_file() -> Path:
 
 
 def train_variant(name: str, overrides: dict, runs: Path, threads: int, pool) -> tuple[Path, dict]:
-    from microsnoop_ray.train.loop import TrainConfig, train_local
+    from microsnoop_ray.train.config import TrainConfig
+    from microsnoop_ray.train.loop import train_local
 
     recipe = {**BASE, **overrides}
     if recipe["init"] == "cellpose":

@@ -102,7 +102,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import json
 
     from .config import load_config
-    from .train.loop import TrainConfig, train_local, train_with_ray
+    from .train.config import TrainConfig
+    from .train.loop import train_local, train_with_ray
 
     options = {**load_config(args.config), **given_options(args, TrainConfig)}
     try:
@@ -124,7 +125,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub) -> None:
-    from .train.loop import TrainConfig
+    from .train.config import TrainConfig
 
     t = sub.add_parser("train", help="masked-image pretraining (plain process or Ray Train)",
                        description="Every option can also be set in --config. Restarting with the same --name "

@@ -89,7 +89,7 @@ def test_skip_modes_change_pretraining_only():
 
 
 def test_learning_rate_rules_scale_from_batch_16():
-    from microsnoop_ray.train.loop import TrainConfig
+    from microsnoop_ray.train.config import TrainConfig
 
     base = {"sources": [{"kind": "folder", "path": "."}], "lr": 1e-3}
     assert TrainConfig.from_mapping({**base, "batch_size": 256}).base_lr == 1e-3

@@ -13,7 +13,8 @@ import torch
 
 from conftest import shared
 from microsnoop_ray.train.data import TypeAlternatingSampler, batch_stream, build_pool, to_planes
-from microsnoop_ray.train.loop import TrainConfig, latest_checkpoint, train_local, train_with_ray
+from microsnoop_ray.train.config import TrainConfig
+from microsnoop_ray.train.loop import latest_checkpoint, train_local, train_with_ray
 from microsnoop_ray.train.masking import learning_rate, mask_patches
 
 def human() -> str:
