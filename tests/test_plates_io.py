@@ -111,3 +111,31 @@ def test_a_folder_filled_by_two_writers_at_once_is_one_writers_whole_copy(tmp_pa
         (c / "part.txt").write_text("half")
         raise RuntimeError("download failed")
     assert not (tmp_path / "failed").exists() and not list(tmp_path.glob(".failed*"))
+
+
+def test_wide_tables_convert_to_arrow_as_from_pandas_does(tmp_path, mlcp_cells):
+    """The block-wise conversion of the site writer gives from_pandas's types and values: float32
+    features from real cells, a NaN (null, as from_pandas makes it), strings with a missing value,
+    integers, booleans and a categorical column (left to from_pandas)."""
+    import pyarrow as pa
+
+    from microsnoop_ray.io.write import arrow_table, read_provenance, write_parquet
+
+    images, table = mlcp_cells
+    n = 6
+    feats = images[:n].reshape(n, -1)[:, :300].astype(np.float32)
+    feats[2, 5] = np.nan
+    df = pd.concat([pd.DataFrame({"Metadata_Plate": ["P1"] * n, "Metadata_Well": ["A01", None, "A02", "A02", "B01", "B01"],
+                                  "Metadata_ObjectNumber": np.arange(1, n + 1), "Metadata_Edge": [True, False] * 3,
+                                  "Metadata_Phase": pd.Categorical(table["Metadata_Phase"].to_numpy()[:n].astype(str)),
+                                  "Metadata_Area": np.linspace(10, 60, n)}),
+                    pd.DataFrame(feats, columns=[f"f{i}" for i in range(feats.shape[1])])], axis=1)
+    expected = pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None)
+    got = arrow_table(df)
+    assert got.schema.equals(expected.schema) and got.column_names == list(df.columns)
+    assert got.equals(expected) and got.column("f5").null_count == 1
+    write_parquet(df, tmp_path / "t.parquet", {"model": "x"})
+    back = pd.read_parquet(tmp_path / "t.parquet")
+    assert read_provenance(tmp_path / "t.parquet") == {"model": "x"}
+    pd.testing.assert_frame_equal(back.drop(columns="Metadata_Phase"), df.drop(columns="Metadata_Phase"))
+    assert back["Metadata_Phase"].astype(str).tolist() == df["Metadata_Phase"].astype(str).tolist()
