@@ -94,14 +94,15 @@ def test_no_function_longer_than_100_lines():
 def test_the_read_and_crop_stages_and_the_command_line_import_without_torch():
     """Ray starts a worker process per read task and crop actor on every node; each that imports torch
     spends seconds of CPU and hundreds of MB on it before its first row. Only the encoder needs it.
-    The command line too: ``--help`` and a refused recipe answer without loading torch."""
+    The command line too: ``--help``, a refused recipe and an image stack ``embed`` refuses answer
+    without loading torch."""
     import subprocess
     import sys
 
     code = ("import sys; from microsnoop_ray.pipeline.stages import CropStage, read_row; "
             "from microsnoop_ray.pipeline.config import ProfileConfig, SegmentationConfig, CropConfig; "
             "CropStage(SegmentationConfig(), CropConfig()); import microsnoop_ray; "
-            "from microsnoop_ray.cli import build_parser; build_parser(); "
+            "from microsnoop_ray.cli import build_parser; build_parser(); import microsnoop_ray.pipeline.embed_job; "
             "from microsnoop_ray.train.config import TrainConfig; TrainConfig(sources=[{}]).validate(); "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True,

@@ -16,63 +16,7 @@ import torch
 from ..errors import InputError
 from ..model import MicrosnoopUNet, load_model, EMBED_DIM, INPUT_SIZE
 from .precision import FP32_BLOCKS, lower_dtype, resolve_device, resolve_precision
-from .preprocess import pad_center, normalize_percentile, pad_normalize_torch
-
-def check_images(images, source: str = "images", size: int = INPUT_SIZE) -> tuple[int, int]:
-    """Validate an image stack without reading all of it.
-
-    Parameters
-    ----------
-    images : array-like (N, C, H, W) or sequence of (C, H, W) arrays
-    source : str
-        Name of the input, used in error messages (a file path, say).
-
-    Returns
-    -------
-    (N, C) : tuple of int
-
-    Raises
-    ------
-    InputError
-        Wrong number of dimensions, non-numeric dtype, mixed channel counts, an
-        image larger than ``size``, or an empty input.
-    """
-    if isinstance(images, (list, tuple)):
-        if not images:
-            raise InputError(source, "no images")
-        shapes = [np.shape(im) for im in images]
-        for i, (im, shp) in enumerate(zip(images, shapes)):
-            if len(shp) != 3:
-                raise InputError(source, f"image {i} has {len(shp)} dimensions, expected 3 (C, H, W)")
-            _check_dtype(np.asarray(im).dtype, source)
-        chans = {s[0] for s in shapes}
-        if len(chans) != 1:
-            raise InputError(source, f"images have different channel counts {sorted(chans)}")
-        big = [i for i, s in enumerate(shapes) if s[1] > size or s[2] > size]
-        if big:
-            s = shapes[big[0]]
-            raise InputError(source, f"image {big[0]} is {s[1]}x{s[2]}, larger than {size}x{size}: "
-                                     "use tile or rescale mode (`microsnoop-ray fields --mode tiles|rescale`)")
-        return len(images), shapes[0][0]
-    shape = getattr(images, "shape", None)
-    if shape is None:
-        raise InputError(source, f"expected an array of shape (N, C, H, W), got {type(images).__name__}")
-    if len(shape) != 4:
-        raise InputError(source, f"array has {len(shape)} dimensions {tuple(shape)}, expected 4 (N, C, H, W)")
-    _check_dtype(np.dtype(images.dtype), source)
-    n, c, h, w = shape
-    if n == 0 or c == 0:
-        raise InputError(source, f"array of shape {tuple(shape)} holds no images")
-    if h > size or w > size:
-        raise InputError(source, f"images are {h}x{w}, larger than {size}x{size}: "
-                                 "use tile or rescale mode (`microsnoop-ray fields --mode tiles|rescale`)")
-    return n, c
-
-
-def _check_dtype(dtype: np.dtype, source: str) -> None:
-    if dtype.kind not in "uif":
-        raise InputError(source, f"pixel type {dtype} is not numeric (expected integer or float)")
-
+from .preprocess import check_images, pad_center, normalize_percentile, pad_normalize_torch  # noqa: F401
 
 def _padded_chunk(images, start: int, stop: int, size: int) -> np.ndarray:
     if isinstance(images, (list, tuple)):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..encode.embed import Encoder, check_images, embed, feature_names
+from ..encode.preprocess import check_images
 from ..errors import InputError
 from ..io.arrays import load_array
 from ..io.tables import read_metadata_table
@@ -59,6 +59,8 @@ def run_embed(source: str | Path, out: str | Path, encode: EncodeConfig = Encode
     if metadata:
         meta = pd.concat([meta, read_metadata_table(metadata, n)], axis=1)
     label_images = _read_masks(masks, images, n) if masks else None
+    from ..encode.embed import Encoder, embed, feature_names  # torch: only once the input is known good
+
     encoder = Encoder(encode.weights, device="cpu" if encode.device == "auto" else encode.device,
                       compile=(n * c >= COMPILE_FROM) and "microsnoop" in features if compile is None else compile,
                       precision=encode.precision)
