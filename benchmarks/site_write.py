@@ -30,7 +30,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from microsnoop_ray.encode.embed import feature_names
-    from microsnoop_ray.io import write
+    from microsnoop_ray.io.write import arrow_table, write_parquet
     from microsnoop_ray.io.sources import SiteKey
     from microsnoop_ray.pipeline.layout import site_table
 
@@ -42,24 +42,21 @@ def main() -> None:
     key, out = SiteKey("P1", "A01", 1), Path(tempfile.mkdtemp())
     provenance = {"channels": channels, "model_card": {"notes": "x" * 2000}}
 
-    def per_site(convert) -> float:
-        original = write.arrow_table
-        write.arrow_table = convert
-        try:
-            times = []
-            for i in range(args.repeats + 1):
-                t = time.perf_counter()
-                table = site_table(key, cells, "model", "batch", None, {"Metadata_Compound": "DMSO"})
-                write.write_parquet(table, out / f"site{i}.parquet", provenance)
-                times.append(time.perf_counter() - t)
-            return float(np.median(times[1:]))
-        finally:
-            write.arrow_table = original
+    def table() -> pd.DataFrame:
+        return site_table(key, cells, "model", "batch", None, {"Metadata_Compound": "DMSO"})
 
-    n_columns = site_table(key, cells, "model", "batch", None, {"Metadata_Compound": "DMSO"}).shape[1]
+    def per_site(convert) -> float:
+        """Median seconds per site: the table, its conversion by ``convert``, the Parquet file."""
+        times = []
+        for i in range(args.repeats + 1):
+            t = time.perf_counter()
+            write_parquet(convert(table()), out / f"site{i}.parquet", provenance)
+            times.append(time.perf_counter() - t)
+        return float(np.median(times[1:]))
+
     from_pandas = per_site(lambda df: pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None))
-    blocks = per_site(write.arrow_table)
-    print(json.dumps({"cells": args.cells, "columns": int(n_columns), "repeats": args.repeats,
+    blocks = per_site(arrow_table)
+    print(json.dumps({"cells": args.cells, "columns": int(table().shape[1]), "repeats": args.repeats,
                       "seconds_per_site": {"from_pandas": round(from_pandas, 4), "arrow_table": round(blocks, 4)},
                       "speed_up": round(from_pandas / blocks, 2)}, indent=1))
 

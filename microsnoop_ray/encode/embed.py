@@ -16,7 +16,8 @@ import torch
 from ..errors import InputError
 from ..model import MicrosnoopUNet, load_model, EMBED_DIM, INPUT_SIZE
 from .precision import FP32_BLOCKS, lower_dtype, resolve_device, resolve_precision
-from .preprocess import check_images, pad_center, normalize_percentile, pad_normalize_torch  # noqa: F401
+from .preprocess import check_images, pad_center, normalize_percentile, pad_normalize_torch
+
 
 def _padded_chunk(images, start: int, stop: int, size: int) -> np.ndarray:
     if isinstance(images, (list, tuple)):
