@@ -66,3 +66,24 @@ def test_every_profile_flag_is_a_config_field_and_overrides_the_file():
     assert options_from_args(fields)["crop"] == {"rescale_constant": 2.0}
     embed = parser.parse_args(["embed", "x.npy", "--out", "o.parquet", "--precision", "bf16"])
     assert options_from_args(embed)["encode"] == {"precision": "bf16"}
+
+
+def test_cpu_encoders_take_a_core_each_and_leave_the_crop_actor_and_reads_room():
+    from microsnoop_ray.pipeline.executors import CPU_ENCODER_BYTES, cpu_encoders
+    enc, crop_cpus = ProfileConfig().encode, ProfileConfig().crop.cpus
+    # 2 cores, pre-cropped cells: two one-thread encoders; with one crop actor and two reads
+    # (0.25 CPU each, the executor's rule) the logical CPUs add up to the 2 there are
+    n, threads, each = cpu_encoders(2, 16e9, enc, crop_cpus, segmenting=False)
+    assert (n, threads) == (2, 1) and n * each + crop_cpus + 2 * 0.25 == pytest.approx(2)
+    # segmenting: half the cores, the rest to the crop actors
+    assert cpu_encoders(16, 64e9, enc, crop_cpus, segmenting=True)[:2] == (8, 1)
+    # no more actors than Ray's memory holds at this batch size; never none
+    per_actor = CPU_ENCODER_BYTES[0] + CPU_ENCODER_BYTES[1] * enc.batch_size
+    assert cpu_encoders(16, 3.5 * per_actor, enc, crop_cpus, segmenting=False)[0] == 3
+    assert cpu_encoders(16, 0.5 * per_actor, enc, crop_cpus, segmenting=False)[0] == 1
+    # what the user says wins: threads, actors, logical CPUs
+    two = dataclasses.replace(enc, threads=2, cpus=1.5)
+    assert cpu_encoders(8, 64e9, two, crop_cpus, segmenting=False) == (4, 2, 1.5)
+    assert cpu_encoders(8, 64e9, enc, crop_cpus, segmenting=False, actors=3)[0] == 3
+    # logical CPUs given per actor bound the count, so that every actor can be placed
+    assert cpu_encoders(2, 16e9, dataclasses.replace(enc, cpus=1.0), crop_cpus, segmenting=False)[0] == 1

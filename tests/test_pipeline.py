@@ -159,6 +159,7 @@ def test_cell_arrays_with_plate_metadata(ray_session, untrained_weights, tmp_pat
     cfg = cfg.replace(platemap=str(tmp_path / "map.csv"))
     summary = run_profile(cfg, progress_print=lambda *a: None)
     assert summary["skipped"] == 1
+    assert summary["this_run"]["encoder_actors"] == 2  # pre-cropped cells on 2 CPUs: a one-thread encoder per core
     left_out = pd.read_csv(tmp_path / "out" / "skipped.csv")
     assert left_out["kind"].tolist() == ["cell left out"] and "NaN" in left_out["reason"][0]
     assert sum(p["cells"] for p in summary["plates"].values()) == len(pick) - 1
@@ -168,8 +169,13 @@ def test_cell_arrays_with_plate_metadata(ray_session, untrained_weights, tmp_pat
     assert len(wells) == pm.shape[0] and (wells["Metadata_Batch"] == "Week4").all()
     assert [c for c in wells if c.startswith("Microsnoop_")][256] == "Microsnoop_Tubulin_000"
     cells = pd.concat(pd.read_parquet(f) for f in (tmp_path / "out").glob("embeddings/*/Week4/*/*/*.parquet"))
-    assert len(cells) == len(pick) - 1 and not cells.duplicated(["Metadata_Plate", "Metadata_Well", "Metadata_Site",
-                                                              "Metadata_ObjectNumber"]).any()
+    keys = ["Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_ObjectNumber"]
+    assert len(cells) == len(pick) - 1 and not cells.duplicated(keys).any()
+    # the two encoder actors compute what one process computes from the same crops
+    both = cells.merge(pick[keys].assign(_row=np.arange(len(pick))), on=keys)
+    assert len(both) == len(cells)
+    np.testing.assert_allclose(both[[c for c in cells if c.startswith("Microsnoop_")]].to_numpy(),
+                               embed(images[both["_row"].to_numpy()], model=str(untrained_weights)), atol=1e-5)
     # without negative controls the profiles are still written, unsphered, and the summary says why
     pm[pm["Metadata_pert_type"] != "negcon"].drop(columns="Metadata_pert_type").to_csv(tmp_path / "map2.csv",
                                                                                       index=False)
