@@ -75,8 +75,9 @@ def test_cpu_encoders_take_a_core_each_and_leave_the_crop_actor_and_reads_room()
     # (0.25 CPU each, the executor's rule) the logical CPUs add up to the 2 there are
     n, threads, each = cpu_encoders(2, 16e9, enc, crop_cpus, segmenting=False)
     assert (n, threads) == (2, 1) and n * each + crop_cpus + 2 * 0.25 == pytest.approx(2)
-    # segmenting: half the cores, the rest to the crop actors
-    assert cpu_encoders(16, 64e9, enc, crop_cpus, segmenting=True)[:2] == (8, 1)
+    # segmenting: a two-thread actor per two cores asking for half the logical CPUs, the rest to the crop actors
+    assert cpu_encoders(16, 64e9, enc, crop_cpus, segmenting=True) == (8, 2, 1.0)
+    assert cpu_encoders(2, 16e9, enc, crop_cpus, segmenting=True) == (1, 2, 1.0)
     # no more actors than Ray's memory holds at this batch size; never none
     per_actor = CPU_ENCODER_BYTES[0] + CPU_ENCODER_BYTES[1] * enc.batch_size
     assert cpu_encoders(16, 3.5 * per_actor, enc, crop_cpus, segmenting=False)[0] == 3

@@ -87,13 +87,13 @@ class EncodeConfig:
     precision: str = option("auto", "encoder arithmetic: auto is bf16 where the CPU or GPU runs it natively "
                                     "(recorded in the provenance), else fp32; fp32 for the reference arithmetic",
                             PRECISIONS)
-    actors: int | None = option(None, "encoder actors (default: one per GPU; without GPUs one per core, half "
-                                      "the cores when cells are segmented, as many as the memory holds)",
+    actors: int | None = option(None, "encoder actors (default: one per GPU; without GPUs one per core, one "
+                                      "per two cores when cells are segmented, as many as the memory holds)",
                                 flag="--encoder-actors")
     cpus: float | None = option(None, "logical CPUs per encoder actor on CPU nodes (default: the cores less "
                                       "room for the crop actors, shared out)", flag="--encoder-cpus")
-    threads: int | None = option(None, "torch threads per encoder actor (default: 1 in a Ray pipeline without "
-                                       "GPUs; in one process, the node's CPUs)", flag="--encoder-threads")
+    threads: int | None = option(None, "torch threads per encoder actor (default in a Ray pipeline without "
+                                       "GPUs: 1, or 2 when cells are segmented; in one process, the node's CPUs)", flag="--encoder-threads")
     batches_in_flight: int = option(4, "batches queued per encoder actor (>= 2)", flag="--encoder-batches-in-flight")
     resources: dict | None = option(None, "custom Ray resources per encoder actor", flag=None)
 

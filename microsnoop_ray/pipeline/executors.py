@@ -104,23 +104,27 @@ def cpu_encoders(cpus: float, memory: float, enc: EncodeConfig, crop_cpus: float
                  actors: int | None = None) -> tuple[int, int, float]:
     """The encoder actors of a cluster without GPUs: ``(actors, torch threads each, logical CPUs each)``.
 
-    One single-threaded actor per core, because on CPUs the encoder scales better across processes
-    than across threads: two one-thread encoders ran 3.6 to 3.9 cells/s on 2 cores where one
-    two-thread encoder ran 2.9 (its threads wait for each other at every operator, and for any other
-    process that takes one of them off its core). As many as the memory Ray reports holds
-    (:data:`CPU_ENCODER_BYTES`); half the cores when the crop stage segments, which is then the larger
-    cost. ``actors`` (given, or what the custom resources allow) overrides the count.
+    Pre-cropped cells and fields that need no segmentation: one single-thread actor per core,
+    because there the encoder is the whole cost and it scales better across processes than across
+    threads (``benchmarks/pipeline.py``: two one-thread encoder processes ran 480 BBBC021 cells in
+    145 s on 2 cores, one two-thread process in 175-178 s; its threads wait for each other at every
+    operator, and for any other process that takes one of them off its core).
 
-    Logical CPUs only place the actors (each runs ``threads`` torch threads whatever it asked for):
-    the encoders ask for their share of the cores less room for one crop actor and the reads, so
-    that both pools are scheduled.
+    When the crop stage segments, Cellpose or the classical segmenter takes a large share of the
+    cores: one actor per two cores with two threads each, the actors asking for half the logical
+    CPUs and the crop actors for the rest (``make demo``: its Cellpose plate took 180 s with one
+    one-thread encoder against 132 s with one two-thread encoder on 2 cores).
+
+    Never more actors than the memory Ray reports holds (:data:`CPU_ENCODER_BYTES`); ``actors``
+    (given, or what the custom resources allow) overrides the count. Logical CPUs only place the
+    actors (each runs ``threads`` torch threads whatever it asked for): the encoders ask for their
+    share less room for one crop actor and the reads, so that both pools are scheduled.
     """
-    threads = int(enc.threads or 1)
+    threads = int(enc.threads or (2 if segmenting else 1))
     share = 0.5 if segmenting else 1.0
     budget = cpus * share - (0.0 if segmenting else crop_cpus + 0.5)  # the encoders' logical CPUs
     by_memory = int(memory // (CPU_ENCODER_BYTES[0] + CPU_ENCODER_BYTES[1] * enc.batch_size)) if memory else 1
-    n = actors or max(1, min(int(cpus * share // threads), by_memory,
-                             int(budget // enc.cpus) if enc.cpus else by_memory))
+    n = actors or max(1, min(int(cpus // threads), by_memory, int(budget // enc.cpus) if enc.cpus else by_memory))
     each = float(enc.cpus) if enc.cpus is not None else max(0.05, min(float(threads), budget / n))
     return n, threads, each
 
