@@ -159,7 +159,9 @@ def test_cell_arrays_with_plate_metadata(ray_session, untrained_weights, tmp_pat
     cfg = cfg.replace(platemap=str(tmp_path / "map.csv"))
     summary = run_profile(cfg, progress_print=lambda *a: None)
     assert summary["skipped"] == 1
-    assert summary["this_run"]["encoder_actors"] == 2  # pre-cropped cells on 2 CPUs: a one-thread encoder per core
+    run = summary["this_run"]
+    assert run["encoder_actors"] == 2  # pre-cropped cells on 2 CPUs: a one-thread encoder per core
+    assert 0 < run["first_result_s"] < run["pipeline_seconds"]
     left_out = pd.read_csv(tmp_path / "out" / "skipped.csv")
     assert left_out["kind"].tolist() == ["cell left out"] and "NaN" in left_out["reason"][0]
     assert sum(p["cells"] for p in summary["plates"].values()) == len(pick) - 1

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import time
 from typing import Iterable, Iterator, Mapping
 
 import numpy as np
@@ -192,8 +193,13 @@ def ray_dataset(cfg: ProfileConfig, items: list[WorkItem], sink=None, channels: 
 
 def run_on_ray(cfg: ProfileConfig, items: list[WorkItem], collector: SiteCollector, sink=None) -> dict:
     """Stream ``items`` through :func:`ray_dataset` into ``collector`` (the encoder actors write the
-    sites they finish into ``sink``, when given); returns the pool sizes."""
+    sites they finish into ``sink``, when given); returns the pool sizes and ``first_result_s``, the
+    seconds until the first encoder output reached the driver (the pipeline's start-up: Ray Data, the
+    actors' imports and model load, the first reads and crops and batch)."""
+    t0 = time.perf_counter()
     ds, pools = ray_dataset(cfg, items, sink, collector.channels if sink is not None else None)
+    first = None
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        first = first if first is not None else time.perf_counter() - t0
         collector.add(batch)
-    return pools
+    return {**pools, "first_result_s": first}

@@ -224,7 +224,8 @@ def run_sites(cfg: ProfileConfig, todo: list, sink: SiteSink, log_file: Path | N
             "duplicate_rows_ignored": collector.duplicates, "pipeline_seconds": round(seconds, 2),
             "encoder_busy_seconds": round(collector.encode_seconds, 2), "encoder_actors": pools["encoder_actors"],
             "encoder_arithmetic": sorted(collector.arithmetic),
-            "encoder_busy_share": round(collector.encode_seconds / max(1e-9, pools["encoder_actors"] * seconds), 3)}
+            "encoder_busy_share": round(collector.encode_seconds / max(1e-9, pools["encoder_actors"] * seconds), 3),
+            "first_result_s": None if pools["first_result_s"] is None else round(pools["first_result_s"], 2)}
 
 
 def run_profile(cfg: ProfileConfig, progress_print=print, log_file: str | Path | None = "default") -> dict:
