@@ -78,13 +78,14 @@ def test_cpu_encoders_take_a_core_each_and_leave_the_crop_actor_and_reads_room()
     # segmenting: a two-thread actor per two cores asking for half the logical CPUs, the rest to the crop actors
     assert cpu_encoders(16, 64e9, enc, crop_cpus, segmenting=True) == (8, 2, 1.0)
     assert cpu_encoders(2, 16e9, enc, crop_cpus, segmenting=True) == (1, 2, 1.0)
-    # no more actors than Ray's memory holds at this batch size; never none
+    # no more actors than Ray's memory holds at this batch size, never none, and then more threads each
     per_actor = CPU_ENCODER_BYTES[0] + CPU_ENCODER_BYTES[1] * enc.batch_size
-    assert cpu_encoders(16, 3.5 * per_actor, enc, crop_cpus, segmenting=False)[0] == 3
-    assert cpu_encoders(16, 0.5 * per_actor, enc, crop_cpus, segmenting=False)[0] == 1
+    assert cpu_encoders(16, 3.5 * per_actor, enc, crop_cpus, segmenting=False)[:2] == (3, 5)
+    assert cpu_encoders(16, 0.5 * per_actor, enc, crop_cpus, segmenting=False)[:2] == (1, 16)
     # what the user says wins: threads, actors, logical CPUs
     two = dataclasses.replace(enc, threads=2, cpus=1.5)
     assert cpu_encoders(8, 64e9, two, crop_cpus, segmenting=False) == (4, 2, 1.5)
-    assert cpu_encoders(8, 64e9, enc, crop_cpus, segmenting=False, actors=3)[0] == 3
+    assert cpu_encoders(8, 64e9, enc, crop_cpus, segmenting=False, actors=3)[:2] == (3, 2)
+    assert cpu_encoders(8, 64e9, dataclasses.replace(enc, threads=1), crop_cpus, segmenting=False, actors=3)[:2] == (3, 1)
     # logical CPUs given per actor bound the count, so that every actor can be placed
     assert cpu_encoders(2, 16e9, dataclasses.replace(enc, cpus=1.0), crop_cpus, segmenting=False)[0] == 1

@@ -17,9 +17,9 @@ from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 
-from ..io.sources import CellChunk, WorkItem
+from ..io.sources import WorkItem
 from .config import EncodeConfig, ProfileConfig
-from .stages import CropStage, EncodeStage, SiteCollector, concat_rows, read_row
+from .stages import CropStage, EncodeStage, SiteCollector, concat_rows, needs_segmentation, read_row
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,8 @@ def cpu_encoders(cpus: float, memory: float, enc: EncodeConfig, crop_cpus: float
     one-thread encoder against 132 s with one two-thread encoder on 2 cores).
 
     Never more actors than the memory Ray reports holds (:data:`CPU_ENCODER_BYTES`); ``actors``
-    (given, or what the custom resources allow) overrides the count. Logical CPUs only place the
+    (given, or what the custom resources allow) overrides the count. Fewer actors than cores get
+    more threads each, unless ``enc.threads`` is given. Logical CPUs only place the
     actors (each runs ``threads`` torch threads whatever it asked for): the encoders ask for their
     share less room for one crop actor and the reads, so that both pools are scheduled.
     """
@@ -126,6 +127,8 @@ def cpu_encoders(cpus: float, memory: float, enc: EncodeConfig, crop_cpus: float
     budget = cpus * share - (0.0 if segmenting else crop_cpus + 0.5)  # the encoders' logical CPUs
     by_memory = int(memory // (CPU_ENCODER_BYTES[0] + CPU_ENCODER_BYTES[1] * enc.batch_size)) if memory else 1
     n = actors or max(1, min(int(cpus // threads), by_memory, int(budget // enc.cpus) if enc.cpus else by_memory))
+    if not enc.threads:  # fewer actors than that (memory, a given count): more threads each, every core used
+        threads = max(threads, int(cpus // n))
     each = float(enc.cpus) if enc.cpus is not None else max(0.05, min(float(threads), budget / n))
     return n, threads, each
 
@@ -149,7 +152,7 @@ def ray_dataset(cfg: ProfileConfig, items: list[WorkItem], sink=None, channels: 
     if use_gpu:
         n_enc, enc_cpus = enc.actors or _fits(res, enc.resources) or int(gpus), 0.0
     else:
-        segmenting = crop.mode == "cells" and any(not isinstance(it, CellChunk) for it in items)
+        segmenting = any(needs_segmentation(crop.mode, it) for it in items)
         n_enc, threads, enc_cpus = cpu_encoders(cpus, float(res.get("memory", 0)), enc, crop.cpus, segmenting,
                                                 actors=enc.actors or _fits(res, enc.resources))
         enc = dataclasses.replace(enc, threads=threads)

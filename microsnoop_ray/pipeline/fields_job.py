@@ -27,7 +27,7 @@ from .config import ProfileConfig
 from .executors import run_in_process
 from .layout import site_table, skipped_row, write_skipped
 from .plate_job import segmenter_used
-from .stages import CropStage, EncodeStage, SiteCollector
+from .stages import CropStage, EncodeStage, SiteCollector, needs_segmentation
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def run_fields(cfg: ProfileConfig, masks: Sequence[str | Path] | None = None, ce
                        f"{' SKIPPED' if prep.skip_reason else ''}")
 
     segmenter, seg_desc = None, None
-    if any(CropStage(seg, cfg.crop).needs_segmentation(it) for it in work.items):
+    if any(needs_segmentation(cfg.crop.mode, it) for it in work.items):
         segmenter, seg_desc = make_segmenter(seg.segmenter, seg.cellpose_model, seg.diameter)
         log.info("segmenting with %s", seg_desc)
     crop = CropStage(seg, cfg.crop, on_field=qc, segmenter=segmenter, features=cfg.feature_sets)

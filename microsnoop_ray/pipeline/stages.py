@@ -164,6 +164,11 @@ def concat_rows(rows: list[dict]) -> dict:
     return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
 
 
+def needs_segmentation(mode: str, item: WorkItem) -> bool:
+    """Whether the crop stage segments ``item``: a field in cells mode without supplied labels or centres."""
+    return mode == "cells" and not isinstance(item, CellChunk) and item.supplied_objects is None
+
+
 class CropStage:
     """Segmentation and cropping of fields; every (object, channel) crop leaves at its native size and
     dtype (the encoder pads and normalises it). Holds the segmenter (e.g. the Cellpose network, on a
@@ -213,7 +218,7 @@ class CropStage:
         return np.sort(rng.choice(n, size=int(cap), replace=False))
 
     def needs_segmentation(self, item: WorkItem) -> bool:
-        return self.crop.mode == "cells" and not isinstance(item, CellChunk) and item.supplied_objects is None
+        return needs_segmentation(self.crop.mode, item)
 
     def process(self, row: dict, labels: np.ndarray | None = None) -> dict:
         """One read row (``item``, ``image``, ``error``) -> plane rows (``labels``: segmented already)."""
