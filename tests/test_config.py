@@ -78,6 +78,7 @@ def test_cpu_encoders_take_a_core_each_and_leave_the_crop_actor_and_reads_room()
     # segmenting: a two-thread actor per two cores asking for half the logical CPUs, the rest to the crop actors
     assert cpu_encoders(16, 64e9, enc, crop_cpus, segmenting=True) == (8, 2, 1.0)
     assert cpu_encoders(2, 16e9, enc, crop_cpus, segmenting=True) == (1, 2, 1.0)
+    assert cpu_encoders(1, 16e9, enc, crop_cpus, segmenting=True)[:2] == (1, 1)  # a one-core node
     # no more actors than Ray's memory holds at this batch size, never none, and then more threads each
     per_actor = CPU_ENCODER_BYTES[0] + CPU_ENCODER_BYTES[1] * enc.batch_size
     assert cpu_encoders(16, 3.5 * per_actor, enc, crop_cpus, segmenting=False)[:2] == (3, 5)

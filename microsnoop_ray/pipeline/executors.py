@@ -122,7 +122,7 @@ def cpu_encoders(cpus: float, memory: float, enc: EncodeConfig, crop_cpus: float
     actors (each runs ``threads`` torch threads whatever it asked for): the encoders ask for their
     share less room for one crop actor and the reads, so that both pools are scheduled.
     """
-    threads = int(enc.threads or (2 if segmenting else 1))
+    threads = int(enc.threads or max(1, min(2 if segmenting else 1, int(cpus))))
     share = 0.5 if segmenting else 1.0
     budget = cpus * share - (0.0 if segmenting else crop_cpus + 0.5)  # the encoders' logical CPUs
     by_memory = int(memory // (CPU_ENCODER_BYTES[0] + CPU_ENCODER_BYTES[1] * enc.batch_size)) if memory else 1
