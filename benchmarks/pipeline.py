@@ -107,15 +107,12 @@ def main() -> None:
 def one_round(args, tmp: Path, weights: str, crops: np.ndarray) -> dict:
     """The bare loop, the per-core bare loops and the pipeline, one after the other, on the same cells."""
     import ray
-    import torch
 
-    from microsnoop_ray.encode.embed import Encoder, embed
+    from microsnoop_ray.encode.embed import embed
     from microsnoop_ray.pipeline.plate_job import ProfileConfig, run_profile
 
     ncores = len(os.sched_getaffinity(0))
-    torch.set_num_threads(ncores)
-    enc = Encoder(weights)
-    embed(crops[:8], encoder=enc, batch_size=args.batch_size)  # warm-up
+    enc = warm_encoder(weights, ncores, crops, args.batch_size)
     with PeakRSS() as bare_mem:
         t = time.perf_counter()
         embed(crops, encoder=enc, batch_size=args.batch_size)
@@ -151,13 +148,20 @@ def one_round(args, tmp: Path, weights: str, crops: np.ndarray) -> dict:
             "ratio_to_bare_per_core": round(per_core_s / pipe_s, 3)}
 
 
-def _per_core_worker(crops, weights, batch_size, barrier, out):
+def warm_encoder(weights: str, threads: int, crops: np.ndarray, batch_size: int):
+    """An encoder on ``threads`` torch threads that has run once (the timed loops exclude the first call)."""
     import torch
 
     from microsnoop_ray.encode.embed import Encoder, embed
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     enc = Encoder(weights)
-    embed(crops[:8], encoder=enc, batch_size=batch_size)  # warm-up
+    embed(crops[:8], encoder=enc, batch_size=batch_size)
+    return enc
+
+
+def _per_core_worker(crops, weights, batch_size, barrier, out):
+    from microsnoop_ray.encode.embed import embed
+    enc = warm_encoder(weights, 1, crops, batch_size)
     barrier.wait()
     embed(crops, encoder=enc, batch_size=batch_size)
     out.put(time.perf_counter())

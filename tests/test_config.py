@@ -87,6 +87,7 @@ def test_cpu_encoders_take_a_core_each_and_leave_the_crop_actor_and_reads_room()
     two = dataclasses.replace(enc, threads=2, cpus=1.5)
     assert cpu_encoders(8, 64e9, two, crop_cpus, segmenting=False) == (4, 2, 1.5)
     assert cpu_encoders(8, 64e9, enc, crop_cpus, segmenting=False, actors=3)[:2] == (3, 2)
-    assert cpu_encoders(8, 64e9, dataclasses.replace(enc, threads=1), crop_cpus, segmenting=False, actors=3)[:2] == (3, 1)
+    one = dataclasses.replace(enc, threads=1)
+    assert cpu_encoders(8, 64e9, one, crop_cpus, segmenting=False, actors=3)[:2] == (3, 1)
     # logical CPUs given per actor bound the count, so that every actor can be placed
     assert cpu_encoders(2, 16e9, dataclasses.replace(enc, cpus=1.0), crop_cpus, segmenting=False)[0] == 1

@@ -93,7 +93,8 @@ class EncodeConfig:
     cpus: float | None = option(None, "logical CPUs per encoder actor on CPU nodes (default: the cores less "
                                       "room for the crop actors, shared out)", flag="--encoder-cpus")
     threads: int | None = option(None, "torch threads per encoder actor (default in a Ray pipeline without "
-                                       "GPUs: 1, or 2 when cells are segmented; in one process, the node's CPUs)", flag="--encoder-threads")
+                                       "GPUs: 1, or 2 when cells are segmented; in one process, the node's CPUs)",
+                                 flag="--encoder-threads")
     batches_in_flight: int = option(4, "batches queued per encoder actor (>= 2)", flag="--encoder-batches-in-flight")
     resources: dict | None = option(None, "custom Ray resources per encoder actor", flag=None)
 

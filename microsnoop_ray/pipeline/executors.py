@@ -96,6 +96,9 @@ def _fits(total: Mapping[str, float], need: Mapping[str, float] | None) -> int |
     return max(1, min(int(total[k] // v) for k, v in need.items()))
 
 
+#: Logical CPUs the actor pools leave for the read tasks: pools that reserve every CPU starve them.
+READ_RESERVE = 0.5
+
 #: Peak resident memory of a one-thread CPU encoder process: about 0.5 GiB plus 30 MiB per plane of
 #: an encoder call (1.5 GB at 32 planes, 2.5 GB at 64, measured on BBBC021 crops in bf16).
 CPU_ENCODER_BYTES = (0.5 * 2**30, 30 * 2**20)
@@ -124,9 +127,12 @@ def cpu_encoders(cpus: float, memory: float, enc: EncodeConfig, crop_cpus: float
     """
     threads = int(enc.threads or max(1, min(2 if segmenting else 1, int(cpus))))
     share = 0.5 if segmenting else 1.0
-    budget = cpus * share - (0.0 if segmenting else crop_cpus + 0.5)  # the encoders' logical CPUs
-    by_memory = int(memory // (CPU_ENCODER_BYTES[0] + CPU_ENCODER_BYTES[1] * enc.batch_size)) if memory else 1
-    n = actors or max(1, min(int(cpus // threads), by_memory, int(budget // enc.cpus) if enc.cpus else by_memory))
+    budget = cpus * share - (0.0 if segmenting else crop_cpus + READ_RESERVE)  # the encoders' logical CPUs
+    caps = [int(cpus // threads),
+            int(memory // (CPU_ENCODER_BYTES[0] + CPU_ENCODER_BYTES[1] * enc.batch_size)) if memory else 1]
+    if enc.cpus:
+        caps.append(int(budget // enc.cpus))
+    n = actors or max(1, min(caps))
     if not enc.threads:  # fewer actors than that (memory, a given count): more threads each, every core used
         threads = max(threads, int(cpus // n))
     each = float(enc.cpus) if enc.cpus is not None else max(0.05, min(float(threads), budget / n))
@@ -156,8 +162,7 @@ def ray_dataset(cfg: ProfileConfig, items: list[WorkItem], sink=None, channels: 
         n_enc, threads, enc_cpus = cpu_encoders(cpus, float(res.get("memory", 0)), enc, crop.cpus, segmenting,
                                                 actors=enc.actors or _fits(res, enc.resources))
         enc = dataclasses.replace(enc, threads=threads)
-    # leave room for the read tasks: actor pools that reserve every CPU would starve them
-    spare = cpus - n_enc * enc_cpus - 0.5
+    spare = cpus - n_enc * enc_cpus - READ_RESERVE
     n_crop = crop.actors or _fits(res, crop.resources) or max(1, int(spare // crop.cpus))
     read_cpus = min(0.25, max(0.05, spare))
     # Capped: each read task is a worker process that starts cold, and a CPU budget alone lets a
