@@ -40,7 +40,7 @@ def _config(args: argparse.Namespace, require_inputs: bool = True):
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from .pipeline.embed_job import run_embed
+    from .pipeline.embed_job import run_embed, summary_path
 
     cfg, given = _config(args, require_inputs=False)
     r = run_embed(args.input, args.out, cfg.encode, cfg.channel_names, args.metadata,
@@ -48,16 +48,26 @@ def _cmd_embed(args: argparse.Namespace) -> int:
                   progress=not args.quiet, features=cfg.feature_sets, masks=args.masks)
     if not args.quiet:
         print(f"{' + '.join(r['features'])}: {r['images']} images x {r['channels']} channels in {r['seconds']:.1f} s "
-              f"({r['images'] / max(r['seconds'], 1e-9):.1f} images/s, {r['model_id']}, {r['precision']}) -> {args.out}"
-              + (f"; {len(r['dropped'])} image(s) could not be measured, see Metadata_Dropped_Reason"
-                 if r["dropped"] else ""))
+              f"({r['images'] / max(r['seconds'], 1e-9):.1f} images/s, {r['model_id']}, {r['precision']}) -> {args.out}")
+    if r["dropped"]:
+        # said even with --quiet: a table of NaN measurements must not pass for a profiled set
+        cp = r["cellprofiler"]
+        most = cp["not_measured"] * 2 > r["images"]
+        print(f"microsnoop-ray embed: {'WARNING: most images' if most else 'some images'} have no CellProfiler "
+              f"measurements: {cp['not_measured']} of {r['images']} (Metadata_Dropped_Reason; counts in "
+              f"{summary_path(args.out)}):", file=sys.stderr)
+        for why, count in list(cp["not_measured_by_reason"].items())[:5]:
+            print(f"  {count} x {why}", file=sys.stderr)
+        return 3
     return 0
 
 
 def _add_embed(sub) -> None:
     e = sub.add_parser("embed", help="embed images up to 224x224 (cells, crops) into a Parquet table",
                        description="Encoder flags as `profile` (and its --config file's encode section); "
-                                   "--compile defaults to on from 512 one-channel images.")
+                                   "--compile defaults to on from 512 one-channel images. Writes OUT and "
+                                   "OUT.summary.json. Exit status: 0 everything embedded and measured, 3 some "
+                                   "images without CellProfiler measurements (Metadata_Dropped_Reason), 2 error.")
     e.add_argument("input", type=Path, help=".npy, .npz (key 'images') of shape (N, C, H, W), or a folder of TIFFs")
     e.add_argument("--out", type=Path, required=True, help="output .parquet")
     e.add_argument("--config", type=Path, default=None, help="YAML/TOML with an encode section (as `profile`)")

@@ -23,6 +23,14 @@ def _cp_measure_direct(image, mask, channels):
     return dict(zip(cols, data[0]))
 
 
+def assert_finite_where_defined(values: pd.DataFrame) -> None:
+    """Measured cells have finite intensity, size and granularity values (what is always defined for an
+    object with pixels), and most of all their columns are finite."""
+    always = [c for c in values if "_Intensity_" in c or c.endswith("_AreaShape_Area") or "_Granularity_" in c]
+    assert len(values) and always and np.isfinite(values[always].to_numpy(np.float64)).all()
+    assert np.isfinite(values.to_numpy(np.float64)).mean() > 0.9
+
+
 def _assert_same(ours: pd.Series, direct: dict):
     checked, seen = 0, set()
     for key, value in direct.items():
@@ -77,6 +85,7 @@ def test_fields_writes_cellprofiler_columns_equal_to_cp_measure_on_each_cells_ow
     cp_cols = [c for c in both.columns if c.startswith("Cells_")]
     assert cp_cols == cellprofiler_names(["DNA"])
     assert (both["Cells_AreaShape_Area"] == both["Metadata_Object_Area"]).all()
+    assert_finite_where_defined(both[cp_cols])
     for _, cell in both.iterrows():  # each cell measured on its own label, inside its crop window
         t, b, l, r = (int(cell[f"Metadata_Crop_{k}"]) for k in ("Top", "Bottom", "Left", "Right"))
         direct = _cp_measure_direct(img[None, t:b, l:r], mask[t:b, l:r] == cell["Metadata_ObjectNumber"], ["DNA"])
@@ -97,14 +106,15 @@ def test_embed_measures_pre_cropped_cells_and_reports_what_it_cannot_measure(tmp
                         tmp_path / "e.parquet", "--weights", published_ckpt, "--channel-names", ",".join(names),
                         "--features", "microsnoop,cellprofiler", "--masks", tmp_path / "masks.npy"],
                        capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    assert "1 image(s) could not be measured" in r.stdout
+    assert r.returncode == 3, r.stderr  # some input was not fully profiled
+    assert "some images have no CellProfiler measurements: 1 of 6" in r.stderr
     df = pd.read_parquet(tmp_path / "e.parquet")
     cp_cols = cellprofiler_names(names)
     assert len(df) == 6 and len([c for c in df if c.startswith("Microsnoop_")]) == 768
     assert [c for c in df if c.startswith("Cells_")] == cp_cols
     assert df.loc[2, cp_cols].isna().all() and "no pixels" in df.loc[2, "Metadata_Dropped_Reason"]
     assert df["Metadata_Dropped_Reason"].drop(index=2).isna().all()
+    assert_finite_where_defined(df.loc[df["Metadata_Dropped_Reason"].isna(), cp_cols])
     for i in (0, 5):
         _assert_same(df.loc[i, cp_cols].astype(np.float64), _cp_measure_direct(images[i], masks[i], names))
 
@@ -157,3 +167,46 @@ def test_a_cell_that_cannot_be_measured_is_dropped_with_its_reason_and_the_site_
     assert written["cells"]["Metadata_ObjectNumber"].tolist() == [1, 3, 4]
     assert [d["Metadata_ObjectNumber"] for d in written["dropped"]] == [2]
     np.testing.assert_allclose(written["cells"][cellprofiler_names(names)].to_numpy(), values[[0, 2, 3]])
+
+
+def test_float_crops_of_raw_intensities_are_measured_on_one_stated_scale(tmp_path, published_ckpt, mlcp_cells):
+    """Floats outside [-1, 1] (raw 0-237 intensities, as a notebook hands them over) are read as the
+    8-bit depth that holds them: finite values, equal to the same cells given as uint8."""
+    images, _ = mlcp_cells
+    cells = images[:8].astype(np.float64)
+    lo, hi = cells.min(axis=(0, 2, 3), keepdims=True), cells.max(axis=(0, 2, 3), keepdims=True)
+    as8 = np.round((cells - lo) / (hi - lo) * 237).astype(np.uint8)
+    np.save(tmp_path / "cells.npy", as8.astype(np.float32))
+    names = ["Brightfield", "DNA", "Darkfield"]
+    r = subprocess.run([sys.executable, "-m", "microsnoop_ray.cli", "embed", tmp_path / "cells.npy", "--out",
+                        tmp_path / "e.parquet", "--weights", published_ckpt, "--channel-names", ",".join(names),
+                        "--features", "cellprofiler"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    df = pd.read_parquet(tmp_path / "e.parquet")
+    cp_cols = cellprofiler_names(names)
+    assert_finite_where_defined(df[cp_cols])
+    ints, failed = measure_crops(as8, names)
+    assert not failed
+    np.testing.assert_allclose(df[cp_cols].to_numpy(np.float64), ints, rtol=1e-6, atol=1e-9, equal_nan=True)
+    import json
+
+    summary = json.loads((tmp_path / "e.summary.json").read_text())
+    assert summary["cellprofiler"]["pixel_scale"] == {"dtype": "float32", "divided_by": 255.0}
+    assert summary["cellprofiler"]["measured"] == 8
+
+
+def test_a_run_where_no_cell_can_be_measured_says_so_and_exits_3(tmp_path, published_ckpt, mlcp_cells):
+    images, _ = mlcp_cells
+    np.save(tmp_path / "cells.npy", images[:5].astype(np.float32) * 3.0)
+    np.save(tmp_path / "masks.npy", np.zeros((5, 40, 40), np.int32))
+    r = subprocess.run([sys.executable, "-m", "microsnoop_ray.cli", "embed", tmp_path / "cells.npy", "--out",
+                        tmp_path / "e.parquet", "--weights", published_ckpt, "--features", "cellprofiler",
+                        "--masks", tmp_path / "masks.npy", "--quiet"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 3, r.stderr
+    assert "WARNING: most images have no CellProfiler measurements: 5 of 5" in r.stderr
+    assert "5 x CellProfiler measurements: its object has no pixels in the window" in r.stderr
+    import json
+
+    cp = json.loads((tmp_path / "e.summary.json").read_text())["cellprofiler"]
+    assert cp["measured"] == 0 and cp["not_measured_by_reason"] == {
+        "CellProfiler measurements: its object has no pixels in the window": 5}

@@ -41,6 +41,26 @@ def pad_center(images: np.ndarray, size: int = 224) -> np.ndarray:
     return out
 
 
+def fit_center(images: np.ndarray, size: int) -> np.ndarray:
+    """Centre-cut to ``size`` the sides longer than it, then zero-pad centred to ``size`` x ``size``.
+
+    A crop larger than the encoder's input keeps its middle (``(h - size) // 2`` rows cut at the
+    top), as the cell-region crop keeps the cell's centre.
+
+    Parameters
+    ----------
+    images : ndarray, shape (..., h, w)
+    size : int
+
+    Returns
+    -------
+    ndarray, shape (..., size, size), float32
+    """
+    h, w = images.shape[-2:]
+    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    return pad_center(images[..., top:top + min(h, size), left:left + min(w, size)], size)
+
+
 def normalize_percentile(x: np.ndarray, mode: str = "default", lower: float = 1.0,
                          upper: float = 99.0) -> np.ndarray:
     """Percentile-normalise each one-channel image: ``(x - P1) / (P99 - P1)``.
@@ -90,7 +110,7 @@ def normalize_percentile(x: np.ndarray, mode: str = "default", lower: float = 1.
 
 
 def preprocess(images: np.ndarray, size: int = 224, mode: str = "default") -> np.ndarray:
-    """Pad then normalise one-channel images.
+    """Fit (:func:`fit_center`: centre-cut, then pad) and normalise one-channel images.
 
     Parameters
     ----------
@@ -100,7 +120,7 @@ def preprocess(images: np.ndarray, size: int = 224, mode: str = "default") -> np
     -------
     ndarray, shape (n, size, size), float32
     """
-    return normalize_percentile(pad_center(images, size), mode=mode)
+    return normalize_percentile(fit_center(images, size), mode=mode)
 
 
 def pad_normalize_torch(crops, size: int = 224, mode: str = "default", device=None, pin_memory: bool = False):

@@ -24,8 +24,14 @@ of a channel pair; CellProfiler measures each pair once, in the order the channe
 so a name that the other order gives again is kept from the first (Costes' thresholds depend on
 the order, so the two are not equal).
 
-Pixel scale: integer images are divided by their type's maximum (65535 for uint16), as
-CellProfiler reads them; float images are measured as they are.
+Pixel scale (:func:`intensity_scale`), one rule for ``embed``, ``fields`` and ``profile``: integer
+images are divided by their type's maximum (65535 for uint16), as CellProfiler reads them; float
+images within [-1, 1] are measured as they are (CellProfiler's and scikit-image's float
+convention); other float images hold raw intensities, and are divided by the maximum of the
+smallest integer depth that holds them (255, 4095, 65535, else the next 2**k - 1), taken over the
+whole set of cells in ``embed`` and over the field (or a site's chunk of cells) in ``fields`` and
+``profile``. A float copy of an 8-bit image is so measured as the 8-bit image would be, every cell
+of one set is divided by the same number, and ``embed``'s provenance records the divisor.
 
 Non-finite values, one rule: whatever cp-measure cannot define for an object (a correlation with a
 constant channel, a radial bin with no pixels) is written as NaN, and infinities become NaN too;
@@ -154,13 +160,51 @@ def _featurize(image: np.ndarray, mask: np.ndarray, channels: tuple[str, ...], s
     return data[0], cols
 
 
-def intensity_scale(dtype) -> float:
-    """What CellProfiler divides the pixels by: the integer type's maximum, 1 for floats."""
+#: integer depths a float image of raw intensities is read as (8, 12 and 16 bits)
+FLOAT_DEPTHS = (255.0, 4095.0, 65535.0)
+
+
+def intensity_scale(dtype, peak: float | None = None) -> float:
+    """What the pixels are divided by before cp-measure (the module's pixel-scale rule).
+
+    Parameters
+    ----------
+    dtype : numpy dtype of the pixels
+    peak : float, optional
+        The largest absolute pixel value of the float image or set (ignored for integer types).
+
+    Returns
+    -------
+    float: the integer type's maximum; for floats 1 when ``peak <= 1``, else the smallest of
+    :data:`FLOAT_DEPTHS` that is at least ``peak``, else ``2**ceil(log2(peak + 1)) - 1``.
+    """
     dtype = np.dtype(dtype)
-    return float(np.iinfo(dtype).max) if dtype.kind in "ui" else 1.0
+    if dtype.kind in "ui":
+        return float(np.iinfo(dtype).max)
+    if dtype.kind == "b":
+        return 1.0
+    if peak is None or not np.isfinite(peak) or peak <= 1.0:
+        return 1.0
+    for depth in FLOAT_DEPTHS:
+        if peak <= depth:
+            return depth
+    return float(2.0 ** np.ceil(np.log2(peak + 1.0)) - 1.0)
 
 
-def measure_object(image: np.ndarray, mask: np.ndarray, channel_names: Sequence[str]) -> np.ndarray:
+def peak(images: np.ndarray) -> float:
+    """The largest finite absolute value of ``images`` (0 for none): what :func:`intensity_scale` needs."""
+    a = np.abs(np.asarray(images, np.float64))
+    a = a[np.isfinite(a)]
+    return float(a.max()) if a.size else 0.0
+
+
+def image_scale(images: np.ndarray) -> float:
+    """:func:`intensity_scale` of an image or set of images, from its dtype and (floats) its peak."""
+    return intensity_scale(images.dtype, peak(images) if np.dtype(images.dtype).kind == "f" else None)
+
+
+def measure_object(image: np.ndarray, mask: np.ndarray, channel_names: Sequence[str],
+                   scale: float | None = None) -> np.ndarray:
     """CellProfiler measurements of one object.
 
     Parameters
@@ -170,6 +214,8 @@ def measure_object(image: np.ndarray, mask: np.ndarray, channel_names: Sequence[
     mask : ndarray (H, W), bool or int
         Nonzero on the object.
     channel_names : sequence of C str
+    scale : float, optional
+        What the pixels are divided by (:func:`intensity_scale`); default :func:`image_scale` of ``image``.
 
     Returns
     -------
@@ -186,7 +232,7 @@ def measure_object(image: np.ndarray, mask: np.ndarray, channel_names: Sequence[
     mask = np.asarray(mask) != 0
     if not mask.any():
         raise MeasureError("its object has no pixels in the window")
-    scale = intensity_scale(image.dtype)
+    scale = image_scale(image) if scale is None else float(scale)
     pixels = np.asarray(image, np.float64) / scale
     try:
         values, _ = _featurize(pixels, mask.astype(np.int32), channels, 65535 if scale == 1.0 else int(scale))
@@ -218,11 +264,12 @@ def measure_windows(image: np.ndarray, labels: np.ndarray, objects, channel_name
     names = cellprofiler_names(channel_names)
     out = np.full((len(objects), len(names)), np.nan)
     failed = {}
+    scale = image_scale(image)
     cols = ["Metadata_ObjectNumber", "Metadata_Crop_Top", "Metadata_Crop_Bottom", "Metadata_Crop_Left",
             "Metadata_Crop_Right"]
     for i, (obj, t, b, l, r) in enumerate(objects[cols].to_numpy(np.int64)):
         try:
-            out[i] = measure_object(image[:, t:b, l:r], labels[t:b, l:r] == obj, channel_names)
+            out[i] = measure_object(image[:, t:b, l:r], labels[t:b, l:r] == obj, channel_names, scale)
         except MeasureError as exc:
             failed[int(obj)] = f"CellProfiler measurements: {exc}"
     return out, failed
@@ -286,7 +333,7 @@ def object_masks(masks: np.ndarray) -> np.ndarray:
 
 
 def measure_crops(crops: np.ndarray, channel_names: Sequence[str], masks: np.ndarray | None = None,
-                  ) -> tuple[np.ndarray, dict[int, str]]:
+                  scale: float | None = None) -> tuple[np.ndarray, dict[int, str]]:
     """Measure pre-cropped cells, one object per crop.
 
     Parameters
@@ -295,6 +342,9 @@ def measure_crops(crops: np.ndarray, channel_names: Sequence[str], masks: np.nda
     masks : ndarray (n, h, w) int, optional
         Given masks (:func:`object_masks` picks each crop's own object); default
         :func:`nearest_object_masks`.
+    scale : float, optional
+        What the pixels are divided by; default :func:`image_scale` of the whole set, so every crop
+        of it is on one scale.
 
     Returns
     -------
@@ -305,9 +355,10 @@ def measure_crops(crops: np.ndarray, channel_names: Sequence[str], masks: np.nda
     objs = nearest_object_masks(crops) if masks is None else object_masks(masks)
     out = np.full((len(crops), len(names)), np.nan)
     failed = {}
+    scale = image_scale(crops) if scale is None else scale
     for i in range(len(crops)):
         try:
-            out[i] = measure_object(crops[i], objs[i], channel_names)
+            out[i] = measure_object(crops[i], objs[i], channel_names, scale)
         except MeasureError as exc:
             failed[i] = f"CellProfiler measurements: {exc}"
     return out, failed

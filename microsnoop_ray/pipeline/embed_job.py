@@ -13,6 +13,7 @@ from ..errors import InputError
 from ..io.arrays import load_array
 from ..io.tables import read_metadata_table
 from ..io.sources import read_image_stack
+from ..io.atomic import write_json
 from ..io.write import profile_table, write_parquet
 from .config import EncodeConfig
 
@@ -65,16 +66,20 @@ def run_embed(source: str | Path, out: str | Path, encode: EncodeConfig = Encode
                       compile=(n * c >= COMPILE_FROM) and "microsnoop" in features if compile is None else compile,
                       precision=encode.precision)
     t0 = time.perf_counter()
-    blocks, names_out, dropped = [], [], {}
+    blocks, names_out, dropped, measured = [], [], {}, {}
     if "microsnoop" in features:
         blocks.append(embed(images, batch_size=encode.batch_size, normalization=encode.normalization,
                             source=str(source), progress=progress and n >= 64, encoder=encoder))
         names_out += feature_names(names)
     if "cellprofiler" in features:
-        from ..features.cellprofiler import cellprofiler_names, measure_crops, require_cp_measure
+        from ..features.cellprofiler import cellprofiler_names, image_scale, measure_crops, require_cp_measure
 
         require_cp_measure()
-        values, dropped = measure_crops(_stack(images), names, label_images)
+        stack = _stack(images)
+        scale = image_scale(stack)
+        values, dropped = measure_crops(stack, names, label_images, scale=scale)
+        measured = {"pixel_scale": {"dtype": str(stack.dtype), "divided_by": scale},
+                    **measurement_counts(n, dropped)}
         blocks.append(values)
         names_out += cellprofiler_names(names)
         if dropped:
@@ -86,10 +91,28 @@ def run_embed(source: str | Path, out: str | Path, encode: EncodeConfig = Encode
         "command": "embed", "input": str(source), "channels": names, "config": dataclasses.asdict(encode),
         "features": list(features), "masks": str(masks) if masks else None,
         "model_card": card.to_dict() if card else None, "normalization": encode.normalization,
-        "encoder_arithmetic": encoder.arithmetic})
-    return {"images": n, "channels": c, "seconds": seconds, "model_id": card.model_id if card else "model",
-            "precision": encoder.precision,
-            "features": list(features), "dropped": dropped, "out": str(out)}
+        "encoder_arithmetic": encoder.arithmetic, "cellprofiler": measured or None})
+    summary = {"images": n, "channels": c, "seconds": seconds, "model_id": card.model_id if card else "model",
+               "precision": encoder.precision, "features": list(features), "out": str(out)}
+    if measured:
+        summary["cellprofiler"] = measured
+    write_json(summary, summary_path(out))
+    return {**summary, "dropped": dropped}
+
+
+def summary_path(out: str | Path) -> Path:
+    """Where ``embed`` writes its summary: beside the table, ``<name>.summary.json``."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".parquet") + ".summary.json")
+
+
+def measurement_counts(n: int, dropped: dict) -> dict:
+    """``measured`` / ``not_measured`` counts and the reasons counted, for the summary and the console."""
+    reasons: dict[str, int] = {}
+    for why in dropped.values():
+        reasons[why] = reasons.get(why, 0) + 1
+    return {"measured": n - len(dropped), "not_measured": len(dropped),
+            "not_measured_by_reason": dict(sorted(reasons.items(), key=lambda kv: -kv[1]))}
 
 
 def _stack(images) -> np.ndarray:
