@@ -88,7 +88,7 @@ def dev_knn(weights) -> dict:
 
 
 def main() -> None:
-    from microsnoop_ray.encode.preprocess import pad_normalize_torch
+    from microsnoop_ray.model.preprocess import pad_normalize_torch
     from microsnoop_ray.evaluate.metrics import centred_relative_error
     from microsnoop_ray.model import load_model
 

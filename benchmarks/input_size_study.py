@@ -9,7 +9,7 @@ sizes
     ``224`` (the published field-mode input), ``crop16`` (the data set's crop side rounded up to a
     multiple of 16: mlcp 40 -> 48, chx 68 -> 80), and ``64``, ``96``, ``128``, ``160``. A crop larger
     than the size is centre-cut to it (chx's 68-px crops at 64), as
-    :func:`microsnoop_ray.encode.preprocess.fit_center` does.
+    :func:`microsnoop_ray.model.preprocess.fit_center` does.
 readouts
     ``avg`` the L2-normalised global average pool of the deepest map (the method's embedding, 256 per
     channel); ``avg+max`` that beside the L2-normalised global max pool of the same map (512);
@@ -66,7 +66,7 @@ def pooled(images: np.ndarray, model, size: int, batch: int = 64) -> dict:
     of the deepest, unnormalised, each (n, c, width)."""
     import torch
 
-    from microsnoop_ray.encode.preprocess import preprocess
+    from microsnoop_ray.model.preprocess import preprocess
 
     n, c, h, w = images.shape
     planes = images.reshape(n * c, h, w).astype(np.float32)

@@ -38,7 +38,7 @@ def test_converted_encoder_embeds_as_the_real_cellpose_network(cellpose_file, st
     second input channel's first-layer weights are zeroed (then that channel cannot contribute)."""
     from cellpose.resnet_torch import CPnet
 
-    from microsnoop_ray.encode.preprocess import preprocess
+    from microsnoop_ray.model.preprocess import preprocess
     from microsnoop_ray.segment.cellpose_backend import convert_cellpose_weights
 
     model = load_model(f"cellpose:{cellpose_file}")

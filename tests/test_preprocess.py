@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from microsnoop_ray.encode.preprocess import normalize_percentile, pad_center
+from microsnoop_ray.model.preprocess import normalize_percentile, pad_center
 from reference import normalize99
 
 
@@ -52,7 +52,7 @@ def test_unknown_mode_is_refused():
 
 def test_torch_padding_and_normalisation_equal_numpy():
     """The encoder-side preprocessing (torch, any device) equals the NumPy path, degenerate cases included."""
-    from microsnoop_ray.encode.preprocess import pad_normalize_torch, preprocess
+    from microsnoop_ray.model.preprocess import pad_normalize_torch, preprocess
 
     rng = np.random.default_rng(0)
     crops = [rng.integers(0, 65535, size=(int(rng.integers(5, 224)), int(rng.integers(5, 224)))).astype(np.uint16)

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from ..encode.preprocess import pad_center
+from ..model.preprocess import pad_center
 
 BORDER_MODES = ("drop", "faithful", "keep")
 #: Side of the encoder's input, to which every crop is padded (the model card's ``input_size``).

@@ -1,7 +1,8 @@
 """Embeddings of images up to 224 x 224: ``embed(images) -> (N, 256 * C)``.
 
-Every channel is embedded separately (zero-padded centred to 224, percentile
-normalised after padding, encoder in eval mode, L2-normalised global average
+Every channel is embedded separately (zero-padded centred to the data set's input size,
+:func:`~microsnoop_ray.model.contract.input_size_for`: 64 for cells up to 72 px, 224 for
+224-px crops; percentile normalised after padding, encoder in eval mode, L2-normalised global average
 pool of the deepest map) and the C embeddings are concatenated in channel order.
 Images stream through the encoder in chunks, so memory stays bounded for any N:
 ``images`` may be a NumPy array, a memory map, a Zarr array or a list of arrays.
@@ -14,15 +15,22 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..model import MicrosnoopUNet, load_model, EMBED_DIM, INPUT_SIZE
+from ..model import MicrosnoopUNet, load_model, EMBED_DIM, INPUT_SIZE, input_size_for
 from .precision import FP32_BLOCKS, lower_dtype, resolve_device, resolve_precision
-from .preprocess import check_images, pad_center, normalize_percentile, pad_normalize_torch
+from ..model.preprocess import check_images, fit_center, normalize_percentile, pad_normalize_torch
 
 
 def _padded_chunk(images, start: int, stop: int, size: int) -> np.ndarray:
     if isinstance(images, (list, tuple)):
-        return np.stack([pad_center(np.asarray(images[i], dtype=np.float32), size) for i in range(start, stop)])
-    return pad_center(np.asarray(images[start:stop], dtype=np.float32), size)
+        return np.stack([fit_center(np.asarray(images[i], dtype=np.float32), size) for i in range(start, stop)])
+    return fit_center(np.asarray(images[start:stop], dtype=np.float32), size)
+
+
+def crop_side(images) -> int:
+    """The largest side of an image stack (N, C, H, W) or of a sequence of (C, H, W) arrays."""
+    if isinstance(images, (list, tuple)):
+        return max(max(np.shape(im)[-2:]) for im in images)
+    return int(max(images.shape[-2:]))
 
 
 class Encoder:
@@ -43,6 +51,9 @@ class Encoder:
         project's AMX CPU that is 1.6x faster than fp32 at a median relative error of the
         centred embeddings of 0.005 (``benchmarks/bf16_cpu.py``). ``tf32`` allows TF32
         matmuls and convolutions on CUDA.
+    input_size : int
+        The side :meth:`embed_crops` pads crops to (larger ones are centre-cut): one per data set,
+        from :func:`~microsnoop_ray.model.contract.input_size_for`.
     compile : bool
         Wrap the encoder in ``torch.compile`` (with frozen weights on a CPU): on this
         project's 2 CPU cores at 224, bf16 18-22 planes/s instead of 9 eager, fp32 8.9
@@ -52,7 +63,8 @@ class Encoder:
     """
 
     def __init__(self, model=None, device=None, channels_last: bool = True, compile: bool = False,
-                 precision: str = "auto"):
+                 precision: str = "auto", input_size: int = INPUT_SIZE):
+        self.input_size = input_size_for(INPUT_SIZE, input_size)
         if not isinstance(model, MicrosnoopUNet):
             model = load_model(model)
         self.device = resolve_device(device)
@@ -90,7 +102,7 @@ class Encoder:
 
     @torch.inference_mode()
     def __call__(self, planes: np.ndarray) -> np.ndarray:
-        """(n, 224, 224) float32 normalised planes -> (n, 256) float32 embeddings."""
+        """(n, s, s) float32 normalised planes -> (n, 256) float32 embeddings."""
         x = torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32))[:, None]
         return self._forward(x.to(self.device, non_blocking=True))
 
@@ -98,17 +110,19 @@ class Encoder:
     def embed_crops(self, crops, normalization: str = "default") -> np.ndarray:
         """One-channel crops at their native size and dtype -> (n, 256) float32 embeddings.
 
-        Padding to 224 and the percentile normalisation run here, batched, in torch on the
-        encoder's device (:func:`~microsnoop_ray.encode.preprocess.pad_normalize_torch`), equal to
-        the NumPy path of :func:`embed` within 1e-5.
+        Fitting to :attr:`input_size` (centre-cut, then zero padding) and the percentile
+        normalisation run here, batched (on a GPU in torch on the encoder's device (:func:`~microsnoop_ray.model.preprocess.pad_normalize_torch`), equal to
+        the NumPy path of :func:`embed` within 1e-5).
         """
         if not len(crops):
             return np.zeros((0, EMBED_DIM), np.float32)
+        size = self.input_size
         if self.device.type == "cpu":  # NumPy's partition-based percentiles are 3x faster than a torch sort here
-            planes = normalize_percentile(np.stack([pad_center(np.asarray(c, np.float32), INPUT_SIZE) for c in crops]),
+            planes = normalize_percentile(np.stack([fit_center(np.asarray(c, np.float32), size) for c in crops]),
                                           mode=normalization)
             return self._forward(torch.from_numpy(planes)[:, None])
-        x = pad_normalize_torch(crops, INPUT_SIZE, normalization, self.device, pin_memory=True)
+        x = pad_normalize_torch([fit_center(np.asarray(c), size) if max(np.shape(c)) > size else c for c in crops],
+                                size, normalization, self.device, pin_memory=True)
         return self._forward(x)
 
     @torch.inference_mode()
@@ -124,7 +138,7 @@ class Encoder:
 
 def embed(images, model=None, batch_size: int = 32, device=None, normalization: str = "default",
           source: str = "images", progress: bool = False, encoder: Encoder | None = None,
-          precision: str = "auto") -> np.ndarray:
+          precision: str = "auto", input_size: str | int = INPUT_SIZE) -> np.ndarray:
     """Microsnoop embeddings of images up to 224 x 224.
 
     Parameters
@@ -140,7 +154,7 @@ def embed(images, model=None, batch_size: int = 32, device=None, normalization: 
         CPU by default; ``"cuda"`` when asked and present.
     normalization : {"default", "faithful"}
         Degenerate-case handling of the percentile normalisation; see
-        :func:`microsnoop_ray.encode.preprocess.normalize_percentile`.
+        :func:`microsnoop_ray.model.preprocess.normalize_percentile`.
     source : str
         Name of the input, for error messages.
     progress : bool
@@ -150,6 +164,9 @@ def embed(images, model=None, batch_size: int = 32, device=None, normalization: 
     precision : {"auto", "fp32", "tf32", "bf16", "fp16"}
         The encoder's arithmetic (:class:`Encoder`): ``auto`` is bf16 where the device runs it
         natively, else fp32; ``fp32`` gives the reference's numbers.
+    input_size : "auto" or int
+        The side every image is fitted to (:func:`~microsnoop_ray.model.contract.input_size_for` of
+        the stack's largest side: 64 for cells up to 72 px); ``224`` is the published contract.
 
     Returns
     -------
@@ -163,6 +180,7 @@ def embed(images, model=None, batch_size: int = 32, device=None, normalization: 
         message names ``source`` and the image index).
     """
     n, c = check_images(images, source)
+    size = input_size_for(crop_side(images), input_size)
     enc = encoder if encoder is not None else Encoder(model, device, precision=precision)
     per_chunk = max(1, batch_size // c)
     out = np.empty((n, EMBED_DIM * c), dtype=np.float32)
@@ -172,11 +190,11 @@ def embed(images, model=None, batch_size: int = 32, device=None, normalization: 
         bar = tqdm(total=n, unit="img", desc="embed", leave=False)
     for start in range(0, n, per_chunk):
         stop = min(n, start + per_chunk)
-        chunk = _padded_chunk(images, start, stop, INPUT_SIZE)  # (m, C, 224, 224)
+        chunk = _padded_chunk(images, start, stop, size)  # (m, C, size, size)
         bad = ~np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
         if bad.any():
             raise InputError(source, f"image {start + int(np.argmax(bad))} has NaN or infinite pixels")
-        planes = normalize_percentile(chunk.reshape(-1, INPUT_SIZE, INPUT_SIZE), mode=normalization)
+        planes = normalize_percentile(chunk.reshape(-1, size, size), mode=normalization)
         out[start:stop] = enc(planes).reshape(stop - start, EMBED_DIM * c)
         if bar is not None:
             bar.update(stop - start)

@@ -56,7 +56,7 @@ def pixels_pca(images: np.ndarray, n_components: int = 256, seed: int = 0) -> np
     """PCA scores (n, k) of the flattened percentile-normalised pixels; k = min(n_components, n - 1, pixels)."""
     from sklearn.decomposition import PCA
 
-    from ..encode.preprocess import normalize_percentile
+    from ..model.preprocess import normalize_percentile
 
     n, c, h, w = images.shape
     flat = normalize_percentile(images.reshape(n * c, h, w).astype(np.float32)).reshape(n, c * h * w)

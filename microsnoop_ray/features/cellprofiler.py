@@ -295,7 +295,7 @@ def nearest_object_masks(images: np.ndarray, channels: Sequence[int] | None = No
     from scipy import ndimage as ndi
     from skimage.filters import gaussian, threshold_otsu
 
-    from ..encode.preprocess import normalize_percentile
+    from ..model.preprocess import normalize_percentile
 
     n, c, h, w = images.shape
     sel = list(range(c)) if channels is None else list(channels)

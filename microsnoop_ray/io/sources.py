@@ -104,6 +104,13 @@ class WorkItem:
         """A label image supplied with the field (None: segment it)."""
         return None
 
+    #: the item is cells already cropped (their crops are what the encoder sees), not a field
+    precropped = False
+
+    def crop_side(self) -> int | None:
+        """The largest side of a pre-cropped item's cells (None for a field, whose crops are cut later)."""
+        return None
+
     @property
     def supplied_objects(self) -> str | None:
         """``"labels"`` or ``"centres"`` when the item brings its objects (no segmentation), else None."""
@@ -194,6 +201,11 @@ class CellChunk(WorkItem):
     rows: tuple[int, ...] = ()
     object_numbers: tuple[int, ...] = ()
     site_planes: int = 0
+
+    precropped = True
+
+    def crop_side(self) -> int | None:
+        return int(max(_cell_array(self.path, Path(self.path).stat().st_mtime).shape[-2:]))
 
     def pixels(self) -> np.ndarray:
         path = Path(self.path)

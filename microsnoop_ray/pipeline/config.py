@@ -28,7 +28,7 @@ from ..encode.precision import PRECISIONS
 from ..features.cellprofiler import parse_feature_sets
 from ..crop.field import MODES
 from ..io.sources import CELLS_PER_CHUNK
-from ..encode.preprocess import NORMALIZATION_MODES as NORMALIZATIONS
+from ..model.preprocess import NORMALIZATION_MODES as NORMALIZATIONS
 from ..profiles.aggregate import METHODS as AGGREGATIONS
 from ..profiles.sphering import DEFAULT_REGULARIZATION, REGULARIZATIONS, SCOPES
 from ..segment import DIAMETER, SEGMENTERS
@@ -81,6 +81,9 @@ class EncodeConfig:
     weights: str | None = option(None, "weights file (default: the shipped weights)")
     normalization: str = option("default", "degenerate-case rule of the 1-99 percentile normalisation",
                                 NORMALIZATIONS)
+    input_size: str = option("224", "side single cells are padded to: auto (pre-cropped cells: their side "
+                                     "rounded to 16, at least 64, at most 224; fields: 224) or a multiple of 16 "
+                                     "(224: the published contract)")
     batch_size: int = option(64, "one-channel crops per encoder call")
     device: str = option("auto", "auto (CUDA when the cluster has GPUs), cpu, cuda or cuda:N")
     compile: bool = option(False, "torch.compile the encoder (worth it for long runs)")
@@ -98,6 +101,12 @@ class EncodeConfig:
     batches_in_flight: int = option(4, "batches queued per encoder actor (>= 2)", flag="--encoder-batches-in-flight")
     resources: dict | None = option(None, "custom Ray resources per encoder actor", flag=None)
 
+
+    def __post_init__(self):
+        from ..model.contract import INPUT_SIZE, input_size_for
+
+        if str(self.input_size).strip().lower() != "auto":
+            input_size_for(INPUT_SIZE, self.input_size)  # a ValueError names the bad value
 
 @dataclasses.dataclass(frozen=True)
 class SpheringConfig:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..encode.preprocess import check_images
+from ..model.preprocess import check_images
 from ..errors import InputError
 from ..io.arrays import load_array
 from ..io.tables import read_metadata_table
@@ -60,16 +60,19 @@ def run_embed(source: str | Path, out: str | Path, encode: EncodeConfig = Encode
     if metadata:
         meta = pd.concat([meta, read_metadata_table(metadata, n)], axis=1)
     label_images = _read_masks(masks, images, n) if masks else None
-    from ..encode.embed import Encoder, embed, feature_names  # torch: only once the input is known good
+    from ..encode.embed import Encoder, crop_side, embed, feature_names  # torch: only once the input is known good
+    from ..model.contract import input_size_for
+
+    size = input_size_for(crop_side(images), encode.input_size)
 
     encoder = Encoder(encode.weights, device="cpu" if encode.device == "auto" else encode.device,
                       compile=(n * c >= COMPILE_FROM) and "microsnoop" in features if compile is None else compile,
-                      precision=encode.precision)
+                      precision=encode.precision, input_size=size)
     t0 = time.perf_counter()
     blocks, names_out, dropped, measured = [], [], {}, {}
     if "microsnoop" in features:
         blocks.append(embed(images, batch_size=encode.batch_size, normalization=encode.normalization,
-                            source=str(source), progress=progress and n >= 64, encoder=encoder))
+                            source=str(source), progress=progress and n >= 64, encoder=encoder, input_size=size))
         names_out += feature_names(names)
     if "cellprofiler" in features:
         from ..features.cellprofiler import cellprofiler_names, image_scale, measure_crops, require_cp_measure
@@ -91,9 +94,9 @@ def run_embed(source: str | Path, out: str | Path, encode: EncodeConfig = Encode
         "command": "embed", "input": str(source), "channels": names, "config": dataclasses.asdict(encode),
         "features": list(features), "masks": str(masks) if masks else None,
         "model_card": card.to_dict() if card else None, "normalization": encode.normalization,
-        "encoder_arithmetic": encoder.arithmetic, "cellprofiler": measured or None})
+        "encoder_arithmetic": encoder.arithmetic, "input_size": size, "cellprofiler": measured or None})
     summary = {"images": n, "channels": c, "seconds": seconds, "model_id": card.model_id if card else "model",
-               "precision": encoder.precision, "features": list(features), "out": str(out)}
+               "precision": encoder.precision, "input_size": size, "features": list(features), "out": str(out)}
     if measured:
         summary["cellprofiler"] = measured
     write_json(summary, summary_path(out))

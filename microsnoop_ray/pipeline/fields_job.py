@@ -26,7 +26,7 @@ from ..profiles.aggregate import feature_columns
 from .config import ProfileConfig
 from .executors import run_in_process
 from .layout import site_table, skipped_row, write_skipped
-from .plate_job import segmenter_used
+from .plate_job import segmenter_used, with_input_size
 from .stages import CropStage, EncodeStage, SiteCollector, needs_segmentation
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ def run_fields(cfg: ProfileConfig, masks: Sequence[str | Path] | None = None, ce
     seg = cfg.segmentation
     work = cfg.work(masks=masks, centres=read_centres(centres) if centres else None, object_size=seg.diameter)
     files = {it.key: it.file_name for it in work.items if isinstance(it, FileField)}
+    cfg = with_input_size(cfg, work.items)
     encode = EncodeStage(cfg.encode, features=cfg.feature_sets)
     model_id = encode.encoder.model_card.model_id
 
@@ -98,7 +99,7 @@ def run_fields(cfg: ProfileConfig, masks: Sequence[str | Path] | None = None, ce
     prov = {"command": "fields", "mode": cfg.crop.mode, "features": list(cfg.feature_sets), "segmentation": segmenter_used(cfg, work.items, seg_desc),
             "channels": sorted({tuple(i.channels) for i in work.plates.values()}), "config": cfg.to_dict(),
             "aggregation": "mean", "model_card": encode.encoder.model_card.to_dict(),
-            "encoder_arithmetic": encode.encoder.arithmetic}
+            "encoder_arithmetic": encode.encoder.arithmetic, "input_size": encode.encoder.input_size}
     outputs = []
     if cell_tables:
         cells = pd.concat(cell_tables, ignore_index=True)

@@ -43,6 +43,22 @@ def list_work(cfg: ProfileConfig) -> Work:
     return work
 
 
+def with_input_size(cfg: ProfileConfig, items: list[WorkItem]) -> ProfileConfig:
+    """``cfg`` with ``encode.input_size`` resolved to a number for these items: ``auto`` is the rule of
+    :func:`~microsnoop_ray.model.contract.input_size_for` for pre-cropped cells (one size for the run:
+    their largest side), and 224 as soon as any item is a field (field crops, tiles and rescaled fields
+    are 224 windows of varying content; the study covered pre-cropped cells only)."""
+    from ..model.contract import INPUT_SIZE, input_size_for
+
+    asked = cfg.encode.input_size
+    if str(asked).strip().lower() == "auto":
+        sides = [it.crop_side() for it in items] if items and all(it.precropped for it in items) else []
+        size = input_size_for(max(sides)) if sides else INPUT_SIZE
+    else:
+        size = input_size_for(INPUT_SIZE, asked)
+    return dataclasses.replace(cfg, encode=dataclasses.replace(cfg.encode, input_size=str(size)))
+
+
 # --------------------------------------------------------------------------- provenance and annotations
 
 def _file_stamp(path: Path) -> dict:
@@ -252,6 +268,7 @@ def run_profile(cfg: ProfileConfig, progress_print=print, log_file: str | Path |
         log_file = layout.root / "logs" / "profile.log"
     # plan: what there is, what is already done
     work = list_work(cfg)
+    cfg = with_input_size(cfg, work.items)
     items, illumination = prepare_illumination(cfg, work, layout, progress_print)
     save_config({**cfg.to_dict(), "model_id": card.model_id}, layout.root / "run_config.yaml")
     plates = work.plates
@@ -265,6 +282,7 @@ def run_profile(cfg: ProfileConfig, progress_print=print, log_file: str | Path |
     platemap = read_platemap(cfg.platemap) if cfg.platemap else None
     provenance = {"model_card": card.to_dict(), "mode": cfg.crop.mode,
                   "segmenter": cfg.segmentation.segmenter, "normalization": cfg.encode.normalization,
+                  "input_size": int(cfg.encode.input_size),
                   "rescale_constant": cfg.crop.rescale_constant, "border": cfg.crop.border,
                   "max_cells_per_site": cfg.crop.max_cells_per_site, "features": list(cfg.feature_sets),
                   **run_provenance(cfg, items),

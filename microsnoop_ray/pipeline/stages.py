@@ -113,7 +113,7 @@ def plane_rows(item: WorkItem, objects: pd.DataFrame, crops: np.ndarray, rejecte
     """One row per (object, channel) plane, the crop at its native size (compact hand-off).
 
     ``crops`` (m, c, h, w) may be cell-region windows zero-padded to 224 (fields): each is cut back
-    to its window (``Metadata_Crop_*``), exactly what :func:`~microsnoop_ray.encode.preprocess.pad_center`
+    to its window (``Metadata_Crop_*``), exactly what :func:`~microsnoop_ray.model.preprocess.pad_center`
     padded. Planes travel as raw bytes in ``dtype`` (the source's, when it holds the values exactly).
     ``measurements`` (m, D) float64, the objects' CellProfiler measurements, travel on their
     channel-0 rows (column ``cp``). ``site_planes``: the site's planes when some of its cells
@@ -367,7 +367,8 @@ class EncodeStage:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu":
             torch.set_num_threads(int(encode.threads or len(os.sched_getaffinity(0))))
-        self.encoder = Encoder(encode.weights, device=device, compile=encode.compile, precision=encode.precision)
+        self.encoder = Encoder(encode.weights, device=device, compile=encode.compile, precision=encode.precision,
+                               input_size=encode.input_size)
         a = self.encoder.arithmetic
         self.arithmetic = f"{a['precision']} ({a['why']})"
         self.normalization, self.batch_size = encode.normalization, max(1, int(encode.batch_size))

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from ..errors import InputError
-from ..encode.preprocess import normalize_percentile, pad_center
+from ..model.preprocess import normalize_percentile, pad_center
 from ..segment.classical import DIAMETER
 
 log = logging.getLogger(__name__)

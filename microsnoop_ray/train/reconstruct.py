@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..encode.preprocess import normalize_percentile, pad_center
+from ..model.preprocess import normalize_percentile, pad_center
 from ..plots import save_figure
 from .masking import mask_patches
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError
-from ..model.contract import INPUT_SIZE
+from .contract import INPUT_SIZE
 
 #: Normalisation modes of :func:`normalize_percentile`.
 NORMALIZATION_MODES = ("default", "faithful")
