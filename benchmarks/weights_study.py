@@ -271,6 +271,7 @@ def ship(doc: dict, name: str, study: Path) -> dict:
     from microsnoop_ray.evaluate.baselines import network_features
     from microsnoop_ray.evaluate.metrics import centred_relative_error
     from microsnoop_ray.model import ModelCard, load_model, save_model
+    from microsnoop_ray.model.contract import preprocessing_contract
 
     rows, _ = summarise(doc)
     rank, winner = ranking(rows)
@@ -279,10 +280,7 @@ def ship(doc: dict, name: str, study: Path) -> dict:
     src = scellseg_file(name)
     model = load_model(f"cellpose:{src}")
     dest = ROOT / "microsnoop_ray" / "weights" / "microsnoop_default.pt"
-    contract = {"input_size": 224, "padding": "each one-channel crop zero-padded centred to 224 x 224 (larger "
-                "crops are centre-cut)", "normalisation": "after padding, the 1st and 99th percentiles of the "
-                "padded image map to 0 and 1 (no clipping)", "channels": "each channel embedded on its own",
-                "readout": "global average pool of the deepest encoder map, L2-normalised (256 per channel)"}
+    contract = preprocessing_contract()
     card = ModelCard(
         model_id=f"microsnoop-scellseg-{name}-{{hash}}", weights_sha256="", input_size=224,
         training_data=f"scellseg's own training of its '{name}' network (Cellpose data and scellseg's contrast "

@@ -34,7 +34,23 @@ def test_embed_round_trip_on_real_cells(tmp_path, published_ckpt, mlcp_cells):
     np.testing.assert_allclose(df[feats].to_numpy(), expected, atol=1e-6)
     prov = read_provenance(out)
     assert prov["channels"] == ["BF", "DNA", "DF"]
+    assert prov["input_size"] == 64  # 40-px cells, the input-size study's rule
     assert prov["model_card"]["weights_sha256"] == load_model(published_ckpt).model_card.weights_sha256
+
+
+def test_embed_input_size_224_is_the_published_pipeline(tmp_path, published_ckpt, published_sd, mlcp_cells):
+    from reference import embed_reference
+
+    images = mlcp_cells[0][:3]
+    np.save(tmp_path / "cells.npy", images)
+    out = tmp_path / "out.parquet"
+    r = run_cli("embed", tmp_path / "cells.npy", "--weights", published_ckpt, "--out", out,
+                "--input-size", "224", "--precision", "fp32")
+    assert r.returncode == 0, r.stderr
+    df = pd.read_parquet(out)
+    feats = [c for c in df.columns if not c.startswith("Metadata_")]
+    np.testing.assert_allclose(df[feats].to_numpy(), embed_reference(images, published_sd), atol=1e-5)
+    assert read_provenance(out)["input_size"] == 224
 
 
 def test_embed_folder_of_tiffs(tmp_path, published_ckpt, mlcp_cells):

@@ -96,7 +96,18 @@ def test_no_default_weights_is_said_clearly(tmp_path, monkeypatch):
 
 def test_published_checkpoint_embeddings_match_independent_pipeline(published_ckpt, published_sd, mlcp_cells):
     images = mlcp_cells[0][:4]
-    ours = embed(images, load_model(published_ckpt), batch_size=5, precision="fp32")  # the reference arithmetic
+    # --input-size 224 is the published contract, one flag away from the default
+    ours = embed(images, load_model(published_ckpt), batch_size=5, precision="fp32", input_size=224)
     ref = embed_reference(images, published_sd)
     assert ours.shape == (4, 768) and ours.dtype == np.float32
     np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_default_input_size_pads_mlcp_cells_to_64(published_ckpt, published_sd, mlcp_cells):
+    """40-px cells are padded to 64 by default (the input-size study's rule), and that is the
+    reference pipeline at 64, not at 224."""
+    images = mlcp_cells[0][:3]
+    assert max(images.shape[-2:]) == 40
+    ours = embed(images, load_model(published_ckpt), precision="fp32")
+    np.testing.assert_allclose(ours, embed_reference(images, published_sd, size=64), atol=1e-5)
+    assert np.abs(ours - embed_reference(images, published_sd)).max() > 1e-2

@@ -53,7 +53,8 @@ def test_cell_array_chunk_keeps_native_crops(untrained_weights, tmp_path):
     rows = CropStage().process(read_row({"item": item}))
     assert list(rows["crop_h"]) == [68] * 18 and set(rows["crop_dtype"]) == {"<u2"}
     assert sum(len(b) for b in rows["crop"]) * 20 < 18 * 224 * 224 * 4  # 9 KiB per plane instead of 196 KiB
-    out = EncodeStage(EncodeConfig(weights=str(untrained_weights), device="cpu"))(dict(rows))
+    # 68-px cells: the job resolves input size auto to 64 (with_input_size); the stage takes the number
+    out = EncodeStage(EncodeConfig(weights=str(untrained_weights), device="cpu", input_size="64"))(dict(rows))
     expect = embed(cells, model=str(untrained_weights)).reshape(18, 256)
     np.testing.assert_allclose(out["features"], expect, atol=1e-5)
 

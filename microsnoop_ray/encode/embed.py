@@ -121,8 +121,7 @@ class Encoder:
             planes = normalize_percentile(np.stack([fit_center(np.asarray(c, np.float32), size) for c in crops]),
                                           mode=normalization)
             return self._forward(torch.from_numpy(planes)[:, None])
-        x = pad_normalize_torch([fit_center(np.asarray(c), size) if max(np.shape(c)) > size else c for c in crops],
-                                size, normalization, self.device, pin_memory=True)
+        x = pad_normalize_torch(crops, size, normalization, self.device, pin_memory=True)
         return self._forward(x)
 
     @torch.inference_mode()
@@ -138,7 +137,7 @@ class Encoder:
 
 def embed(images, model=None, batch_size: int = 32, device=None, normalization: str = "default",
           source: str = "images", progress: bool = False, encoder: Encoder | None = None,
-          precision: str = "auto", input_size: str | int = INPUT_SIZE) -> np.ndarray:
+          precision: str = "auto", input_size: str | int = "auto") -> np.ndarray:
     """Microsnoop embeddings of images up to 224 x 224.
 
     Parameters

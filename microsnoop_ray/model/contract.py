@@ -53,3 +53,16 @@ def input_size_for(crop_side: int, asked: str | int = "auto") -> int:
     if size <= 0 or size % SIZE_STEP:
         raise ValueError(f"input size must be 'auto' or a positive multiple of {SIZE_STEP}, not {asked!r}")
     return size
+
+
+def preprocessing_contract(size: int = INPUT_SIZE) -> dict:
+    """The preprocessing a model card states, at input side ``size``: the card's contract is that of
+    the size the run used (``224`` is the published one; ``auto`` resolves to one size per run)."""
+    return {"input_size": int(size),
+            "input_size_rule": f"auto: single cells padded to their data set's crop side rounded to "
+                               f"{SIZE_STEP}, at least {MIN_AUTO_SIZE}, at most {INPUT_SIZE}; fields {INPUT_SIZE}",
+            "padding": f"each one-channel crop zero-padded centred to {size} x {size} (larger crops are centre-cut)",
+            "normalisation": "after padding, the 1st and 99th percentiles of the padded image map to 0 and 1 "
+                             "(no clipping)",
+            "channels": "each channel embedded on its own",
+            "readout": "global average pool of the deepest encoder map, L2-normalised (256 per channel)"}

@@ -55,8 +55,15 @@ class ModelCard:
     notes: str = ""
     extra: dict = dataclasses.field(default_factory=dict)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def to_dict(self, input_size: int | None = None) -> dict:
+        """The card as a dict; with ``input_size``, its preprocessing contract is the one at that side
+        (what a run that used it wrote)."""
+        d = dataclasses.asdict(self)
+        if input_size is not None:
+            from .contract import preprocessing_contract
+
+            d["extra"]["preprocessing"] = preprocessing_contract(input_size)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelCard":

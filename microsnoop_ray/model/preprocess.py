@@ -1,7 +1,7 @@
 """Padding and percentile normalisation, shared by inference and pretraining.
 
 Faithful to the published pipeline (``docs/METHOD.md`` section 3): every one-channel
-image is zero-padded centred to 224 x 224 and *then* normalised with its own
+image is zero-padded centred to the input size (224, or a data set's own: ``contract.input_size_for``) and *then* normalised with its own
 1st and 99th percentiles, computed over the whole padded array with linear
 interpolation, without clipping. :func:`check_images` refuses what the encoder cannot take before
 anything heavy is loaded.
@@ -133,7 +133,8 @@ def pad_normalize_torch(crops, size: int = 224, mode: str = "default", device=No
 
     Parameters
     ----------
-    crops : sequence of ndarray (h, w), any numeric dtype, h, w <= size
+    crops : sequence of ndarray (h, w), any numeric dtype
+        Larger than ``size`` on a side: centre-cut there first (:func:`fit_center`).
     size : int
     mode : {"default", "faithful"}
         As :func:`normalize_percentile`.
@@ -151,10 +152,8 @@ def pad_normalize_torch(crops, size: int = 224, mode: str = "default", device=No
         raise ValueError(f"normalization mode must be one of {NORMALIZATION_MODES}, not {mode!r}")
     device = torch.device(device or "cpu")
     n = len(crops)
+    crops = [fit_center(np.asarray(c), size) if max(np.shape(c)) > size else c for c in crops]
     shapes = [np.shape(c) for c in crops]
-    for h, w in shapes:
-        if h > size or w > size:
-            raise ValueError(f"image of {h}x{w} is larger than {size}x{size}")
     flat = np.concatenate([np.asarray(c, np.float32).ravel() for c in crops]) if n else np.zeros(0, np.float32)
     buf = torch.from_numpy(flat)
     if pin_memory and device.type == "cuda":

@@ -81,7 +81,7 @@ class EncodeConfig:
     weights: str | None = option(None, "weights file (default: the shipped weights)")
     normalization: str = option("default", "degenerate-case rule of the 1-99 percentile normalisation",
                                 NORMALIZATIONS)
-    input_size: str = option("224", "side single cells are padded to: auto (pre-cropped cells: their side "
+    input_size: str = option("auto", "side single cells are padded to: auto (pre-cropped cells: their side "
                                      "rounded to 16, at least 64, at most 224; fields: 224) or a multiple of 16 "
                                      "(224: the published contract)")
     batch_size: int = option(64, "one-channel crops per encoder call")

@@ -93,7 +93,7 @@ def run_embed(source: str | Path, out: str | Path, encode: EncodeConfig = Encode
     write_parquet(profile_table(meta, np.concatenate(blocks, axis=1), names_out), out, provenance={
         "command": "embed", "input": str(source), "channels": names, "config": dataclasses.asdict(encode),
         "features": list(features), "masks": str(masks) if masks else None,
-        "model_card": card.to_dict() if card else None, "normalization": encode.normalization,
+        "model_card": card.to_dict(size) if card else None, "normalization": encode.normalization,
         "encoder_arithmetic": encoder.arithmetic, "input_size": size, "cellprofiler": measured or None})
     summary = {"images": n, "channels": c, "seconds": seconds, "model_id": card.model_id if card else "model",
                "precision": encoder.precision, "input_size": size, "features": list(features), "out": str(out)}

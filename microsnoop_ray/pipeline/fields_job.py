@@ -98,7 +98,7 @@ def run_fields(cfg: ProfileConfig, masks: Sequence[str | Path] | None = None, ce
         raise RuntimeError(f"sites without all their planes: {collector.incomplete()[:5]}")
     prov = {"command": "fields", "mode": cfg.crop.mode, "features": list(cfg.feature_sets), "segmentation": segmenter_used(cfg, work.items, seg_desc),
             "channels": sorted({tuple(i.channels) for i in work.plates.values()}), "config": cfg.to_dict(),
-            "aggregation": "mean", "model_card": encode.encoder.model_card.to_dict(),
+            "aggregation": "mean", "model_card": encode.encoder.model_card.to_dict(encode.encoder.input_size),
             "encoder_arithmetic": encode.encoder.arithmetic, "input_size": encode.encoder.input_size}
     outputs = []
     if cell_tables:

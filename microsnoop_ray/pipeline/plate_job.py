@@ -280,7 +280,7 @@ def run_profile(cfg: ProfileConfig, progress_print=print, log_file: str | Path |
                    f"{n_todo} site(s) to do, {n_total - n_todo} already done"
                    + (f"; Ray's messages go to {log_file}" if log_file and todo else ""))
     platemap = read_platemap(cfg.platemap) if cfg.platemap else None
-    provenance = {"model_card": card.to_dict(), "mode": cfg.crop.mode,
+    provenance = {"model_card": card.to_dict(int(cfg.encode.input_size)), "mode": cfg.crop.mode,
                   "segmenter": cfg.segmentation.segmenter, "normalization": cfg.encode.normalization,
                   "input_size": int(cfg.encode.input_size),
                   "rescale_constant": cfg.crop.rescale_constant, "border": cfg.crop.border,
