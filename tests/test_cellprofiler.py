@@ -143,7 +143,7 @@ def test_constant_and_empty_planes_are_measured_not_crashed(mlcp_cells):
 def test_a_cell_that_cannot_be_measured_is_dropped_with_its_reason_and_the_site_completes(mlcp_cells):
     """The crop stage's accounting: a failed measurement becomes a DROP row; the site still completes."""
     from microsnoop_ray.io.sources import CellChunk
-    from microsnoop_ray.pipeline.stages import DROP, CropStage, SiteCollector, concat_rows
+    from microsnoop_ray.pipeline.stages import DROP, SiteCollector, _Site, concat_rows
 
     images, _ = mlcp_cells
     cells = images[:4]
@@ -153,10 +153,9 @@ def test_a_cell_that_cannot_be_measured_is_dropped_with_its_reason_and_the_site_
     values, failed = measure_crops(cells, names, masks)  # the real failure of cell index 1
     item = CellChunk("P", "A01", 1, 3, path="cells.npy", rows=(0, 1, 2, 3), object_numbers=(1, 2, 3, 4),
                      site_planes=12)
-    stage = CropStage(features=("microsnoop", "cellprofiler"))
     objects = pd.DataFrame({"Metadata_ObjectNumber": [1, 2, 3, 4]})
-    rows = stage._measured_rows(item, objects, cells, values, {int(i) + 1: why for i, why in failed.items()}, 0,
-                                cells.dtype)
+    rows = _Site(item, objects, cells, 0, cells.dtype, "Cells").rows(values, {int(i) + 1: why
+                                                                              for i, why in failed.items()})
     assert (rows["kind"] == DROP).sum() == 1 and "no pixels" in rows["reason"][rows["kind"] == DROP][0]
     written = {}
     rows["features"] = np.zeros((len(rows["kind"]), 256), np.float32)

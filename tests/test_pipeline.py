@@ -75,7 +75,7 @@ def test_pipeline_embeddings_equal_the_bare_encoder(profiled, transfluor_plate, 
     image = plate.read(ref)
     crops = [image[:, r.Metadata_Crop_Top:r.Metadata_Crop_Bottom, r.Metadata_Crop_Left:r.Metadata_Crop_Right]
              for r in cells.itertuples()]
-    expect = embed(crops, model=str(untrained_weights))
+    expect = embed(crops, model=str(untrained_weights), input_size=224)  # field crops keep the 224 input
     feats = cells[[c for c in cells if c.startswith("Microsnoop_")]].to_numpy()
     np.testing.assert_allclose(feats, expect, atol=1e-5)
     assert cells["Metadata_ObjectNumber"].is_unique
@@ -381,7 +381,7 @@ def test_illumination_compute_then_folder(ray_session, transfluor_plate, untrain
     crops = [image[:, r.Metadata_Crop_Top:r.Metadata_Crop_Bottom, r.Metadata_Crop_Left:r.Metadata_Crop_Right]
              for r in cells.itertuples()]
     feats = cells[[c for c in cells if c.startswith("Microsnoop_")]].to_numpy()
-    np.testing.assert_allclose(feats, embed(crops, model=str(untrained_weights)), atol=1e-5)
+    np.testing.assert_allclose(feats, embed(crops, model=str(untrained_weights), input_size=224), atol=1e-5)  # fields: 224
     # FOLDER: the same files, read by every field's read task
     cfg2 = ProfileConfig.from_mapping({**cfg.to_dict(), "out": str(tmp_path / "other"), "illum": str(out / "illum")})
     items, note = prepare_illumination(cfg2, list_work(cfg2), Layout(cfg2.out, "m"), progress_print=lambda *a: None)

@@ -75,9 +75,9 @@ def test_load_data_csv_and_platemap_join(tmp_path):
                        "FileName_OrigRNA": ["r1.tif", "r2.tif", "r3.tif"], "PathName_OrigRNA": ["img"] * 3})
     ld.to_csv(tmp_path / "load_data.csv", index=False)
     table, channels = read_image_table(tmp_path / "load_data.csv")
-    assert channels == ["OrigDNA", "OrigRNA"]
+    assert channels == ["DNA", "RNA"]  # CellProfiler's Orig prefix is not part of the channel's name
     assert table["Metadata_Well"].tolist() == ["A01", "A01", "B02"]
-    assert table["Path_OrigRNA"].iloc[2] == str((tmp_path / "img" / "r3.tif").resolve())
+    assert table["Path_RNA"].iloc[2] == str((tmp_path / "img" / "r3.tif").resolve())
     pm = pd.DataFrame({"Well": ["A01", "C03"], "pert_type": ["negcon", "trt"], "Compound": ["DMSO", "x"]})
     pm.to_csv(tmp_path / "map.csv", index=False)
     wells = table[["Metadata_Plate", "Metadata_Well"]].drop_duplicates()

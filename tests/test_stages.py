@@ -41,7 +41,8 @@ def test_field_crops_travel_compact_and_encode_as_embed(untrained_weights, norma
     out = EncodeStage(EncodeConfig(weights=str(untrained_weights), device="cpu", normalization=normalization))(
         dict(rows))
     assert "crop" not in out and out["features"].shape == (len(real), 256)
-    expect = embed([c[None] for c in crops], model=str(untrained_weights), normalization=normalization)
+    expect = embed([c[None] for c in crops], model=str(untrained_weights), normalization=normalization,
+                   input_size=224)  # field crops keep the 224 input
     np.testing.assert_allclose(out["features"][real], expect, atol=1e-5)
 
 
@@ -93,7 +94,7 @@ def test_collector_completes_sites_counts_duplicates_once_and_accounts_for_skips
     assert collector.incomplete() == [] and order == [SiteKey("P|x", "A01", 1), SiteKey("P|x", "A02", 1)]
     table, dropped = written[SiteKey("P|x", "A01", 1)]
     assert table["Metadata_ObjectNumber"].tolist() == [1, 2, 3, 5]
-    assert dropped == [{"Metadata_ObjectNumber": 4, "reason": "plate P|x, well A01, site 1: cell 4 has NaN or "
+    assert dropped == [{"Metadata_ObjectNumber": 4, "reason": "plate P|x, well A01, site 1: cell 4: has NaN or "
                                                             "infinite pixels"}]
     np.testing.assert_array_equal(table["Microsnoop_b_000"], [1, 2, 3, 5])  # channels side by side, in order
     assert list(skipped) == [SiteKey("P|x", "A02", 1)]

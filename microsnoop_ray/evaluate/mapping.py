@@ -21,6 +21,20 @@ from ..profiles.aggregate import feature_columns
 from ..profiles.controls import negative_controls
 
 REF = "Metadata_copairs_reference"
+#: one column naming the perturbation: copairs' ``diffby`` asks *every* column to differ, and two
+#: treatments of one dose (same concentration) must still be each other's negatives
+PERT = "Metadata_copairs_perturbation"
+
+
+def _joined(df: pd.DataFrame, perts: list[str]) -> tuple[pd.Series, dict]:
+    """The perturbation columns as one string column, and each joined value's original values."""
+    joined = df[perts].astype(str).agg(" | ".join, axis=1)
+    return joined, {j: dict(zip(perts, vals)) for j, vals in zip(joined, df[perts].itertuples(index=False))}
+
+
+def _named(per_group: list[dict], names: dict) -> list[dict]:
+    """copairs' per-group rows with the perturbation's own columns instead of the joined one."""
+    return [{**names.get(g[PERT], {}), **{k: v for k, v in g.items() if k != PERT}} for g in per_group]
 
 
 def _run(meta: pd.DataFrame, feats: np.ndarray, pos_sameby, pos_diffby, neg_sameby, neg_diffby, group_by,
@@ -76,14 +90,14 @@ def activity_map(profiles: pd.DataFrame, pert: str | Sequence[str] = "Metadata_C
     if not controls.any():
         raise ValueError("no negative-control profiles: activity mAP needs them")
     feats = list(features) if features is not None else feature_columns(df)
-    meta = df[perts + ([plate] if same_plate else [])].copy()
-    meta[perts] = meta[perts].astype(str)
-    meta.loc[controls, perts] = "__control__"
+    meta = df[[plate] if same_plate else []].copy()
+    meta[PERT], names = _joined(df, perts)
+    meta.loc[controls, PERT] = "__control__"
     meta[REF] = np.where(controls, np.arange(len(df)), -1)
-    res = _run(meta, df[feats].to_numpy(np.float64), pos_sameby=perts + [REF], pos_diffby=[],
-               neg_sameby=[plate] if same_plate else [], neg_diffby=perts + [REF],
-               group_by=perts, null_size=null_size, threshold=threshold, seed=seed)
-    res["per_group"] = [g for g in res["per_group"] if g[perts[0]] != "__control__"]
+    res = _run(meta, df[feats].to_numpy(np.float64), pos_sameby=[PERT, REF], pos_diffby=[],
+               neg_sameby=[plate] if same_plate else [], neg_diffby=[PERT, REF],
+               group_by=[PERT], null_size=null_size, threshold=threshold, seed=seed)
+    res["per_group"] = _named([g for g in res["per_group"] if g[PERT] != "__control__"], names)
     return {"question": "activity (replicates vs negative controls)", "same_plate_negatives": same_plate, **res}
 
 
@@ -105,7 +119,9 @@ def consistency_map(profiles: pd.DataFrame, pert: str | Sequence[str] = "Metadat
         df = df[~np.asarray(controls, bool)]
     df = df[df[perts].notna().all(axis=1)].reset_index(drop=True)
     feats = list(features) if features is not None else feature_columns(df)
-    meta = df[perts + list(pos_diffby)].astype(str)
-    res = _run(meta, df[feats].to_numpy(np.float64), pos_sameby=perts, pos_diffby=list(pos_diffby), neg_sameby=[],
-               neg_diffby=perts, group_by=perts, null_size=null_size, threshold=threshold, seed=seed)
+    meta = df[list(pos_diffby)].astype(str)
+    meta[PERT], names = _joined(df, perts)
+    res = _run(meta, df[feats].to_numpy(np.float64), pos_sameby=[PERT], pos_diffby=list(pos_diffby), neg_sameby=[],
+               neg_diffby=[PERT], group_by=[PERT], null_size=null_size, threshold=threshold, seed=seed)
+    res["per_group"] = _named(res["per_group"], names)
     return {"question": "replicate retrieval (replicates vs other perturbations)", **res}

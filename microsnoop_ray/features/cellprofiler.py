@@ -51,8 +51,11 @@ import numpy as np
 
 #: the feature sets a command can write (``--features``)
 FEATURE_SETS = ("microsnoop", "cellprofiler")
-#: the compartment prefix of every column (one object per cell: the cell)
+#: the compartment of one object per crop (cell arrays, ``embed``, supplied label images): the cell
 COMPARTMENT = "Cells"
+#: CellProfiler's Cell Painting compartments, in its column order: the nucleus, the whole cell grown
+#: around it, and the cytoplasm (cell minus nucleus)
+COMPARTMENTS = ("Nuclei", "Cells", "Cytoplasm")
 #: measures that depend on the object's position, not its appearance (see the module docstring)
 _POSITION = ("Center_", "BoundingBoxMinimum_", "BoundingBoxMaximum_", "Location_")
 
@@ -86,47 +89,47 @@ def require_cp_measure() -> None:
                           "environment lacks: pip install cp-measure") from None
 
 
-def cellprofiler_name(key: str) -> str | None:
-    """One cp-measure column -> its CellProfiler name, or None when it is left out (positions, the
-    second order of a symmetric pair is decided by :func:`cellprofiler_names`)."""
+def cellprofiler_name(key: str, compartment: str = COMPARTMENT) -> str | None:
+    """One cp-measure column -> its CellProfiler name in ``compartment``, or None when it is left out
+    (positions; the second order of a symmetric pair is decided by :func:`cellprofiler_names`)."""
     parts = key.split("__")
     measure, chans = parts[0], parts[1:]
     if measure.startswith(_POSITION):
         return None
     if not chans:
-        return f"{COMPARTMENT}_AreaShape_{measure}"
+        return f"{compartment}_AreaShape_{measure}"
     if len(chans) == 2:
         a, b = chans
         name = measure.removeprefix("Correlation_")
         if name == "Pearson":
-            return f"{COMPARTMENT}_Correlation_Correlation_{a}_{b}"
+            return f"{compartment}_Correlation_Correlation_{a}_{b}"
         if name.endswith(("_1", "_2")):
             first, second = (a, b) if name.endswith("_1") else (b, a)
-            return f"{COMPARTMENT}_Correlation_{name[:-2]}_{first}_{second}"
-        return f"{COMPARTMENT}_Correlation_{name}_{a}_{b}"
+            return f"{compartment}_Correlation_{name[:-2]}_{first}_{second}"
+        return f"{compartment}_Correlation_{name}_{a}_{b}"
     ch = chans[0]
     if measure.startswith("Intensity_"):
-        return f"{COMPARTMENT}_{measure}_{ch}"
+        return f"{compartment}_{measure}_{ch}"
     if measure.startswith("Granularity_"):
-        return f"{COMPARTMENT}_{measure}_{ch}"
+        return f"{compartment}_{measure}_{ch}"
     if measure.startswith("RadialDistribution_"):
         kind, _, rest = measure.removeprefix("RadialDistribution_").partition("_")
-        return f"{COMPARTMENT}_RadialDistribution_{kind}_{ch}_{rest}"
+        return f"{compartment}_RadialDistribution_{kind}_{ch}_{rest}"
     name, _, scale = measure.partition("_")  # Haralick texture: <Feature>_<scale>_<angle>_<levels>
-    return f"{COMPARTMENT}_Texture_{name}_{ch}_{scale}"
+    return f"{compartment}_Texture_{name}_{ch}_{scale}"
 
 
 def _config(channels: tuple[str, ...], scale_max: int) -> dict:
     from cp_measure.featurizer import make_featurizer_config
 
-    return make_featurizer_config(list(channels), objects=[COMPARTMENT],
+    return make_featurizer_config(list(channels), objects=["Cells"],
                                   correlation_costes_params={"scale_max": scale_max})
 
 
 @functools.lru_cache(maxsize=32)
 def _layout(channels: tuple[str, ...]) -> tuple[tuple[str, ...], np.ndarray]:
-    """(CellProfiler names, the cp-measure columns they come from): fixed for a list of channels,
-    read off one synthetic object so that every site of a run has the same columns."""
+    """(CellProfiler names without the compartment, the cp-measure columns they come from): fixed for
+    a list of channels, read off one synthetic object so that every site of a run has the same columns."""
     size = 32
     yy, xx = np.indices((size, size))
     mask = (((yy - 15.5) ** 2 + (xx - 15.5) ** 2) < 100).astype(np.int32)
@@ -135,18 +138,20 @@ def _layout(channels: tuple[str, ...]) -> tuple[tuple[str, ...], np.ndarray]:
     keys = _featurize(image, mask, channels, 65535)[1]
     names, index, seen = [], [], set()
     for i, k in enumerate(keys):
-        n = cellprofiler_name(k)
+        n = cellprofiler_name(k, "")
         if n is not None and n not in seen:
             seen.add(n)
-            names.append(n)
+            names.append(n[1:])
             index.append(i)
     return tuple(names), np.asarray(index)
 
 
-def cellprofiler_names(channel_names: Sequence[str]) -> list[str]:
-    """The CellProfiler columns measured for these channels, in the order :func:`measure_object` returns."""
+def cellprofiler_names(channel_names: Sequence[str], compartments: Sequence[str] = (COMPARTMENT,)) -> list[str]:
+    """The CellProfiler columns measured for these channels, compartment by compartment, in the order
+    :func:`measure_object` (one compartment) and :func:`measure_compartments` (three) return."""
     require_cp_measure()
-    return list(_layout(tuple(channel_names))[0])
+    suffixes = _layout(tuple(channel_names))[0]
+    return [f"{c}_{s}" for c in compartments for s in suffixes]
 
 
 def _featurize(image: np.ndarray, mask: np.ndarray, channels: tuple[str, ...], scale_max: int):
@@ -241,6 +246,81 @@ def measure_object(image: np.ndarray, mask: np.ndarray, channel_names: Sequence[
     out = np.asarray(values, np.float64)[index]
     out[~np.isfinite(out)] = np.nan
     return out
+
+
+def measure_compartments(image: np.ndarray, nucleus: np.ndarray, cell: np.ndarray, channel_names: Sequence[str],
+                         scale: float | None = None) -> np.ndarray:
+    """CellProfiler measurements of one cell's three compartments (:data:`COMPARTMENTS`).
+
+    Parameters
+    ----------
+    image : ndarray (C, H, W)
+        A window of the field holding the cell.
+    nucleus, cell : ndarray (H, W), bool
+        The cell's nucleus and the whole cell; the cytoplasm is ``cell & ~nucleus``.
+    channel_names : sequence of C str
+    scale : float, optional
+        As :func:`measure_object` (one divisor for the three).
+
+    Returns
+    -------
+    ndarray (3 D,) float64: Nuclei, then Cells, then Cytoplasm, in the order of
+    ``cellprofiler_names(channel_names, COMPARTMENTS)``.
+
+    Raises
+    ------
+    MeasureError
+        Naming the compartment that could not be measured (e.g. no cytoplasm: the nucleus fills the cell).
+    """
+    nucleus, cell = np.asarray(nucleus, bool), np.asarray(cell, bool)
+    scale = image_scale(image) if scale is None else float(scale)
+    out = []
+    for name, mask in zip(COMPARTMENTS, (nucleus, cell, cell & ~nucleus)):
+        try:
+            out.append(measure_object(image, mask, channel_names, scale))
+        except MeasureError as exc:
+            raise MeasureError(f"{name}: {exc}") from None
+    return np.concatenate(out)
+
+
+def measure_cells(image: np.ndarray, nuclei: np.ndarray, cells: np.ndarray, numbers: Sequence[int],
+                  channel_names: Sequence[str]) -> tuple[np.ndarray, dict[int, str]]:
+    """Measure the three compartments of every matched cell of a field, each in its own bounding box.
+
+    Parameters
+    ----------
+    image : ndarray (C, H, W)
+    nuclei, cells : ndarray (H, W) int
+        Label images where a cell carries its nucleus's number
+        (:func:`~microsnoop_ray.segment.match.match_cells`).
+    numbers : sequence of int
+        The objects (nucleus numbers) to measure.
+
+    Returns
+    -------
+    values : ndarray (M, 3 D) float64, NaN rows for the cells that failed
+    failed : dict object number -> reason
+    """
+    from scipy import ndimage as ndi
+
+    width = 3 * len(cellprofiler_names(channel_names))
+    out = np.full((len(numbers), width), np.nan)
+    failed: dict[int, str] = {}
+    scale = image_scale(image)
+    top = int(max(nuclei.max(initial=0), cells.max(initial=0)))
+    nuc_boxes, cell_boxes = ndi.find_objects(nuclei, top), ndi.find_objects(cells, top)
+    for i, obj in enumerate(int(o) for o in numbers):
+        boxes = [b for b in (nuc_boxes[obj - 1], cell_boxes[obj - 1]) if b is not None]
+        if len(boxes) < 2:
+            failed[obj] = "CellProfiler measurements: it has no " + ("nucleus" if nuc_boxes[obj - 1] is None else "cell")
+            continue
+        win = tuple(slice(min(b[k].start for b in boxes), max(b[k].stop for b in boxes)) for k in range(2))
+        try:
+            out[i] = measure_compartments(image[(slice(None),) + win], nuclei[win] == obj, cells[win] == obj,
+                                          channel_names, scale)
+        except MeasureError as exc:
+            failed[obj] = f"CellProfiler measurements: {exc}"
+    return out, failed
 
 
 def measure_windows(image: np.ndarray, labels: np.ndarray, objects, channel_names: Sequence[str],

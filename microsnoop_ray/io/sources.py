@@ -55,7 +55,14 @@ class WorkItem:
     plate, well, site : the site the item belongs to
     n_channels : int, channels the pixels must have
     nuclei_channel : int, channel index segmentation uses
+    cell_channel : int, optional
+        A cytoplasmic channel: cells are segmented on it (with the nuclei channel) besides the nuclei
     illum : tuple of str, illumination-function files (one per channel), empty for none
+    centres_file : str, optional
+        A table of the field's object centres (CellProfiler's ``Nuclei_Location_Center_X/Y``; the
+        DeepProfiler ``locations/`` layout) to crop around instead of segmenting
+    object_size : float, optional
+        The object diameter the crop windows of supplied centres assume (default: the segmentation's)
     """
 
     plate: str
@@ -63,7 +70,10 @@ class WorkItem:
     site: int
     n_channels: int
     nuclei_channel: int = 0
+    cell_channel: int | None = None
     illum: tuple[str, ...] = ()
+    centres_file: str | None = None
+    object_size: float | None = None
 
     @property
     def key(self) -> SiteKey:
@@ -114,7 +124,19 @@ class WorkItem:
     @property
     def supplied_objects(self) -> str | None:
         """``"labels"`` or ``"centres"`` when the item brings its objects (no segmentation), else None."""
-        return None
+        return "centres" if self.centres_file else None
+
+    def object_centres(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """``(x, y, label)`` of the supplied object centres (None: none supplied). Raises InputError
+        naming the site and the file when the file is missing or unreadable."""
+        if not self.centres_file:
+            return None
+        from .images import read_centres
+
+        if not Path(self.centres_file).is_file():
+            raise InputError(self.where, f"no object centres file {self.centres_file}")
+        df = read_centres(self.centres_file)
+        return df["x"].to_numpy(float), df["y"].to_numpy(float), df["label"].to_numpy(np.int64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +156,7 @@ class ZarrField(WorkItem):
 
     @property
     def supplied_objects(self) -> str | None:
-        return "labels" if self.label_name else None
+        return "labels" if self.label_name else super().supplied_objects
 
     def labels(self) -> np.ndarray | None:
         if not self.label_name:
@@ -154,7 +176,6 @@ class FileField(WorkItem):
     files: tuple[str, ...] = ()
     label_file: str | None = None
     centres: tuple[tuple[float, float, int], ...] | None = None
-    object_size: float | None = None
 
     @property
     def where(self) -> str:
@@ -175,7 +196,15 @@ class FileField(WorkItem):
 
     @property
     def supplied_objects(self) -> str | None:
-        return "labels" if self.label_file else "centres" if self.centres is not None else None
+        return "labels" if self.label_file else "centres" if self.centres is not None else super().supplied_objects
+
+    def object_centres(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        if self.centres is None:
+            return super().object_centres()
+        if not self.centres:
+            return np.zeros(0), np.zeros(0), np.zeros(0, np.int64)
+        x, y, lab = zip(*self.centres)
+        return np.asarray(x, float), np.asarray(y, float), np.asarray(lab, np.int64)
 
     def labels(self) -> np.ndarray | None:
         if not self.label_file:
@@ -242,15 +271,18 @@ def is_plate_folder(path: Path) -> bool:
     return path.is_dir() and ((path / ".zattrs").exists() or (path / "zarr.json").exists())
 
 
-def channel_index(value, channels: Sequence[str], where) -> int:
-    """The index of the nuclei channel given by name or index (InputError naming ``where``)."""
+def channel_index(value, channels: Sequence[str], where, what: str = "nuclei channel") -> int | None:
+    """The index of a channel given by name or index (InputError naming ``where`` and ``what``); None
+    for None."""
+    if value is None:
+        return None
     if isinstance(value, str) and not value.isdigit():
         if value not in channels:
-            raise InputError(where, f"nuclei channel {value!r} is not one of the channels {list(channels)}")
+            raise InputError(where, f"{what} {value!r} is not one of the channels {list(channels)}")
         return list(channels).index(value)
     idx = int(value)
     if not 0 <= idx < max(1, len(channels)):
-        raise InputError(where, f"nuclei channel index {idx} is out of range for {len(channels)} channels")
+        raise InputError(where, f"{what} index {idx} is out of range for {len(channels)} channels")
     return idx
 
 
@@ -265,7 +297,8 @@ def list_sources(inputs: Sequence[str | Path], batch: str = "default", nuclei_ch
                  labels: str | None = None, cell_table: str | None = None, channel_names: Sequence[str] | None = None,
                  max_cells_per_site: int | None = None, seed: int = 0, cells_per_chunk: int = CELLS_PER_CHUNK,
                  masks: Sequence[str | Path] | None = None, centres: pd.DataFrame | None = None,
-                 object_size: float | None = None) -> Work:
+                 object_size: float | None = None, locations: str | Path | None = None,
+                 cell_channel: int | str | None = None) -> Work:
     """Expand inputs into work items.
 
     Parameters
@@ -281,6 +314,12 @@ def list_sources(inputs: Sequence[str | Path], batch: str = "default", nuclei_ch
     centres : DataFrame, optional
         Object centres for loose image files (``x``, ``y``, ``label``, ``file``; see
         :func:`~microsnoop_ray.io.images.read_centres`), cropped with ``object_size``.
+    cell_channel : str or int, optional
+        A cytoplasmic channel of the fields of plates and image tables, segmented into cells.
+    locations : path, optional
+        A folder of supplied nucleus centres for the fields of plates and image tables,
+        ``<locations>/<plate>/<well>-<site>-Nuclei.csv`` (:func:`locations_file`), cropped with
+        ``object_size`` instead of segmenting; a site without its file is skipped with the reason.
 
     Raises
     ------
@@ -310,13 +349,17 @@ def list_sources(inputs: Sequence[str | Path], batch: str = "default", nuclei_ch
             fields = list(plate.fields())
             channels = plate.channel_names(fields[0]) if fields else []
             nuc = channel_index(nuclei_channel, channels, path)
+            cell = channel_index(cell_channel, channels, path, "cell channel")
             add_plate(PlateInfo(plate.name, batch, channels, str(path), [SiteKey(plate.name, f.well, f.site)
                                                                          for f in fields]))
-            items += [ZarrField(plate.name, f.well, f.site, len(channels), nuc, path=str(path), group=f.path,
-                                label_name=labels or None) for f in fields]
+            items += [ZarrField(plate.name, f.well, f.site, len(channels), nuc, cell, path=str(path), group=f.path,
+                                label_name=labels or None, object_size=object_size,
+                                centres_file=locations_file(locations, plate.name, f.well, f.site))
+                      for f in fields]
         elif path.suffix.lower() in TABLE_SUFFIXES and path.is_file():
             table, channels = read_image_table(path)
             nuc = channel_index(nuclei_channel, channels, path)
+            cell = channel_index(cell_channel, channels, path, "cell channel")
             keys = ["Metadata_Plate", "Metadata_Well", "Metadata_Site"]
             dup = table.duplicated(keys, keep="first")
             problems += [{"Metadata_Plate": r.Metadata_Plate, "Metadata_Well": r.Metadata_Well,
@@ -328,18 +371,30 @@ def list_sources(inputs: Sequence[str | Path], batch: str = "default", nuclei_ch
                 add_plate(PlateInfo(name, batch, channels, str(path),
                                     [SiteKey(name, w, int(s)) for w, s in zip(sub["Metadata_Well"],
                                                                               sub["Metadata_Site"])]))
-                items += [FileField(name, r.Metadata_Well, int(r.Metadata_Site), len(channels), nuc,
-                                    files=tuple(str(getattr(r, f"Path_{c}")) for c in channels))
-                          for r in sub.itertuples(index=False)]
+                items += [FileField(name, r.Metadata_Well, int(r.Metadata_Site), len(channels), nuc, cell,
+                                    files=tuple(str(r[f"Path_{c}"]) for c in channels),
+                                    illum=tuple(str(r[f"Illum_{c}"]) for c in channels if f"Illum_{c}" in r),
+                                    object_size=object_size,
+                                    centres_file=locations_file(locations, name, r.Metadata_Well, r.Metadata_Site))
+                          for _, r in sub.iterrows()]
         elif path.suffix.lower() in ARRAY_SUFFIXES and path.is_file():
+            if locations or cell_channel is not None:
+                raise InputError(path, "--locations and --cell-channel concern fields; a cell array is cells already cut")
             _cell_items(path, batch, cell_table, channel_names, max_cells_per_site, seed, cells_per_chunk,
                         items, add_plate)
         else:
             raise InputError(path, "not an OME-Zarr plate folder, an image table (.parquet/.csv), a cell array "
                                    "(.npz/.npy) or an image file (.tif/.png/.jpg)")
     if loose:
-        _loose_items(loose, batch, nuclei_channel, channel_names, masks, centres, object_size, items, add_plate)
+        _loose_items(loose, batch, (nuclei_channel, cell_channel), channel_names, masks, centres, object_size, items,
+                     add_plate)
     return Work(items, plates, problems)
+
+
+def locations_file(folder: str | Path | None, plate: str, well: str, site: int) -> str | None:
+    """``<folder>/<plate>/<well>-<site>-Nuclei.csv``: a site's nucleus centres in DeepProfiler's
+    ``locations`` layout (CellProfiler's ``Nuclei_Location_Center_X/Y``); None without a folder."""
+    return str(Path(folder) / str(plate) / f"{well}-{int(site)}-Nuclei.csv") if folder else None
 
 
 def _cell_items(path, batch, cell_table, channel_names, max_cells_per_site, seed, cells_per_chunk, items,
@@ -367,7 +422,7 @@ def _cell_items(path, batch, cell_table, channel_names, max_cells_per_site, seed
                                        site_planes=len(cells) * len(channels)))
 
 
-def _loose_items(files, batch, nuclei_channel, channel_names, masks, centres, object_size, items,
+def _loose_items(files, batch, segmented_channels, channel_names, masks, centres, object_size, items,
                  add_plate) -> None:
     """Loose image files: the channel count is read from the first readable file (the others are
     checked when they are read)."""
@@ -382,7 +437,8 @@ def _loose_items(files, batch, nuclei_channel, channel_names, masks, centres, ob
     channels = list(channel_names or [f"ch{i}" for i in range(n_channels)])
     if len(channels) != n_channels:
         raise InputError(files[0], f"{len(channels)} channel names for {n_channels} channels")
-    nuc = channel_index(nuclei_channel, channels, files[0])
+    nuc = channel_index(segmented_channels[0], channels, files[0])
+    cell = channel_index(segmented_channels[1], channels, files[0], "cell channel")
     by_plate: dict[str, list[SiteKey]] = {}
     for i, f in enumerate(files):
         plate = f.parent.resolve().name or "fields"
@@ -392,7 +448,7 @@ def _loose_items(files, batch, nuclei_channel, channel_names, masks, centres, ob
         if centres is not None:
             sel = centres if centres["file"].isna().all() else centres[centres["file"] == f.name]
             pts = tuple((float(x), float(y), int(lab)) for x, y, lab in zip(sel["x"], sel["y"], sel["label"]))
-        items.append(FileField(plate, None, i + 1, n_channels, nuc, files=(str(f),),
+        items.append(FileField(plate, None, i + 1, n_channels, nuc, cell, files=(str(f),),
                                label_file=str(masks[i]) if masks is not None else None, centres=pts,
                                object_size=object_size))
     for plate, keys in by_plate.items():

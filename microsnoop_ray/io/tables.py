@@ -73,18 +73,49 @@ def read_metadata_table(path: str | Path, n: int) -> pd.DataFrame:
     return with_metadata_prefix(df).reset_index(drop=True)
 
 
+def _channel_columns(df: pd.DataFrame) -> dict[str, dict[str, str]]:
+    """``{channel: {"file": column, "path": column or ""}}`` for image and illumination columns, by kind
+    (``image`` / ``illum``). CellProfiler's ``Orig`` prefix is not part of the channel's name
+    (``FileName_OrigDNA`` is channel ``DNA``, as its profiles name it ``_DNA``); ``FileName_Illum<Ch>``
+    with ``PathName_Illum<Ch>`` is channel ``Ch``'s illumination function."""
+    found: dict[str, dict[str, dict[str, str]]] = {"image": {}, "illum": {}}
+    for col in map(str, df.columns):
+        m = re.fullmatch(r"(Path|FileName)_(.+)", col)
+        if not m:
+            continue
+        name = m.group(2)
+        kind = "illum" if name.startswith("Illum") and len(name) > 5 else "image"
+        ch = name[5:] if kind == "illum" else name[4:] if name.startswith("Orig") and len(name) > 4 else name
+        if ch in found[kind]:
+            continue
+        path_col = f"PathName_{name}" if m.group(1) == "FileName" and f"PathName_{name}" in df else ""
+        found[kind][ch] = {"file": col, "path": path_col}
+    return found
+
+
+def _full_paths(df: pd.DataFrame, cols: dict[str, str], folder: Path) -> list[str]:
+    """Absolute paths of one channel's files: ``FileName`` joined to ``PathName``, relative to ``folder``."""
+    files = df[cols["file"]].astype(str).tolist()
+    if cols["path"]:
+        files = [str(Path(b) / f) for b, f in zip(df[cols["path"]].astype(str), files)]
+    return [p if Path(p).is_absolute() else str((folder / p).resolve()) for p in files]
+
+
 def read_image_table(path: str | Path, plate: str | None = None) -> tuple[pd.DataFrame, list[str]]:
     """One row per field with one file per channel.
 
     Accepted channel columns: ``Path_<Channel>`` (a full path) or CellProfiler's
-    ``FileName_<Channel>`` with ``PathName_<Channel>``. Relative paths are taken
-    relative to the table's folder. Keys: ``Metadata_Plate`` (or ``plate``),
-    ``Metadata_Well`` (``A01``/``A1``), ``Metadata_Site`` (or ``Metadata_Field``;
-    numbered 1.. within a well when absent).
+    ``FileName_<Channel>`` with ``PathName_<Channel>``; CellProfiler's ``Orig`` prefix is dropped
+    (``FileName_OrigDNA`` -> channel ``DNA``). ``FileName_Illum<Channel>`` with
+    ``PathName_Illum<Channel>`` (``load_data_with_illum.csv``) are the channels' illumination
+    functions, not channels. Relative paths are taken relative to the table's folder. Keys:
+    ``Metadata_Plate`` (or ``plate``), ``Metadata_Well`` (``A01``/``A1``), ``Metadata_Site`` (or
+    ``Metadata_Field``; numbered 1.. within a well when absent).
 
     Returns
     -------
-    table : DataFrame with Metadata_Plate, Metadata_Well, Metadata_Site and ``Path_<Channel>``
+    table : DataFrame with Metadata_Plate, Metadata_Well, Metadata_Site, ``Path_<Channel>`` and,
+        when every channel has one, ``Illum_<Channel>`` (the illumination function's file)
     channels : list of channel names, in column order
     """
     path = Path(path)
@@ -97,23 +128,14 @@ def read_image_table(path: str | Path, plate: str | None = None) -> tuple[pd.Dat
         if plate is None:
             raise InputError(path, "no plate column (Metadata_Plate) and no plate name given")
         df["Metadata_Plate"] = plate
-    channels, out = [], {}
-    for col in df.columns:
-        m = re.fullmatch(r"(?:Path|FileName)_(.+)", str(col))
-        if not m or m.group(1) in channels:
-            continue
-        ch = m.group(1)
-        if col.startswith("FileName_"):
-            base = df.get(f"PathName_{ch}")
-            files = df[col].astype(str)
-            full = [str(Path(b) / f) if b is not None else f for b, f in
-                    zip(base.astype(str) if base is not None else [None] * len(df), files)]
-        else:
-            full = df[col].astype(str).tolist()
-        out[f"Path_{ch}"] = [p if Path(p).is_absolute() else str((path.parent / p).resolve()) for p in full]
-        channels.append(ch)
+    found = _channel_columns(df)
+    channels = list(found["image"])
     if not channels:
         raise InputError(path, "no channel columns (Path_<Channel> or FileName_<Channel> + PathName_<Channel>)")
+    illum = found["illum"]
+    if illum and set(illum) != set(channels):
+        raise InputError(path, f"illumination columns for {sorted(illum)} but the channels are {channels}: "
+                               "every channel needs its FileName_Illum<Channel> / PathName_Illum<Channel>, or none")
     table = pd.DataFrame({"Metadata_Plate": df["Metadata_Plate"].astype(str),
                           "Metadata_Well": [normalize_well(w, f"{path}, row {i + 1}") for i, w in
                                             enumerate(df["Metadata_Well"])]})
@@ -121,8 +143,10 @@ def read_image_table(path: str | Path, plate: str | None = None) -> tuple[pd.Dat
         table["Metadata_Site"] = pd.to_numeric(df["Metadata_Site"], errors="raise").astype(int)
     else:
         table["Metadata_Site"] = table.groupby(["Metadata_Plate", "Metadata_Well"]).cumcount() + 1
-    for k, v in out.items():
-        table[k] = v
+    for ch in channels:
+        table[f"Path_{ch}"] = _full_paths(df, found["image"][ch], path.parent)
+    for ch in channels if illum else ():
+        table[f"Illum_{ch}"] = _full_paths(df, illum[ch], path.parent)
     return table, channels
 
 

@@ -30,6 +30,7 @@ from ..crop.field import MODES
 from ..io.sources import CELLS_PER_CHUNK
 from ..model.preprocess import NORMALIZATION_MODES as NORMALIZATIONS
 from ..profiles.aggregate import METHODS as AGGREGATIONS
+from ..profiles.recipe import DEFAULT_RECIPE, NORMALIZE_METHODS, parse_recipe
 from ..profiles.sphering import DEFAULT_REGULARIZATION, REGULARIZATIONS, SCOPES
 from ..segment import DIAMETER, SEGMENTERS
 
@@ -48,6 +49,14 @@ class SegmentationConfig:
     cellpose_model: str | None = option(None, "local Cellpose weights file (never downloaded)")
     diameter: float = option(DIAMETER, "typical nucleus diameter in pixels")
     nuclei_channel: str | int = option(0, "channel segmented: name or index")
+    cell_channel: str | None = option(None, "a cytoplasmic channel (e.g. AGP): cells are segmented on it with the "
+                                            "nuclei channel (Cellpose, two channels) and matched to their nuclei; "
+                                            "cellprofiler features then measure Nuclei, Cells and Cytoplasm")
+    cell_diameter: float | None = option(None, "typical cell diameter in pixels with --cell-channel (default: twice "
+                                               "the nucleus diameter)")
+    locations: str | None = option(None, "folder of supplied nucleus centres, <plate>/<well>-<site>-Nuclei.csv "
+                                         "(CellProfiler's Nuclei_Location_Center_X/Y; DeepProfiler's layout): crop "
+                                         "around them instead of segmenting")
     labels: str | None = option(None, "use this NGFF label image of each Zarr field instead of segmenting")
     gpu_share: float = option(0.0, "share of each GPU for Cellpose in the crop actors (0: segment on CPUs)",
                               flag="--segment-gpu-share")
@@ -170,6 +179,12 @@ class ProfileConfig:
                                         "profiles")
     features: str = option("microsnoop", "feature sets per cell, comma list: microsnoop (the embedding), "
                                          "cellprofiler (cp-measure on each cell's own object, CellProfiler names)")
+    recipe: str = option(DEFAULT_RECIPE, "the profiling recipe after aggregation, steps in order (JUMP's: "
+                                         "normalize to the negative controls, feature_select, sphere), or none")
+    normalize: str = option("mad_robustize", "the recipe's normalisation (pycytominer)", NORMALIZE_METHODS,
+                            flag="--normalize-method")
+    evaluate: bool = option(True, "copairs mAP of the treatments' replicates (against the negative controls, "
+                                  "and against each other) per feature set, in summary.json")
     illum: str = option("none", "illumination correction: none, compute (per plate and channel, written to "
                                 "OUT/illum) or a folder of <plate>/<plate>_Illum<Channel>.npy")
     segmentation: SegmentationConfig = dataclasses.field(default_factory=SegmentationConfig)
@@ -219,6 +234,17 @@ class ProfileConfig:
         if not 0.0 <= self.segmentation.gpu_share < 1.0:
             raise ValueError(f"segmentation.gpu_share must lie in [0, 1), not {self.segmentation.gpu_share}")
         sets = self.feature_sets
+        steps = parse_recipe(self.recipe)
+        if self.sphering.fit_on != "wells" and "sphere" in steps and steps.index("sphere") > 0:
+            raise ValueError(f"sphering.fit_on {self.sphering.fit_on} fits on raw profiles: the recipe must then "
+                             "sphere first (or fit on wells)")
+        seg = self.segmentation
+        if seg.cell_channel is not None and (seg.locations or seg.labels):
+            raise ValueError("segmentation.cell_channel segments cells and nuclei; it cannot be combined with "
+                             "supplied locations or labels")
+        if seg.cell_channel is not None and seg.segmenter == "classical":
+            raise ValueError("segmentation.cell_channel needs the Cellpose segmenter (--segmenter cellpose "
+                             "--cellpose-model FILE of a two-channel cytoplasm model)")
         if "cellprofiler" in sets and self.crop.mode != "cells":
             raise ValueError(f"features cellprofiler measures cells: it needs crop.mode cells, not {self.crop.mode!r}")
         if min(self.encode.batch_size, self.run.cells_chunk, self.run.items_per_block or 1,
@@ -241,6 +267,10 @@ class ProfileConfig:
         from ..io.sources import list_sources
 
         seg = self.segmentation
+        if seg.locations:
+            extra = {"locations": seg.locations, "object_size": seg.diameter, **extra}
+        if seg.cell_channel is not None:
+            extra = {"cell_channel": seg.cell_channel, **extra}
         return list_sources(self.inputs, batch=self.batch, nuclei_channel=seg.nuclei_channel, labels=seg.labels,
                             cell_table=self.cell_table, channel_names=self.channel_names,
                             max_cells_per_site=self.crop.max_cells_per_site, seed=self.crop.seed,

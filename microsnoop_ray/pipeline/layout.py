@@ -29,8 +29,8 @@ from ..io.write import write_parquet
 from ..io.zarr_plate import split_well
 
 #: The levels of a run's profile files, as ``summary.json`` lists them under ``outputs``.
-OUTPUT_LEVELS = ("well", "well (sphered)", "treatment")
-WELL, WELL_SPHERED, TREATMENT = OUTPUT_LEVELS
+OUTPUT_LEVELS = ("well", "well (normalized)", "well (feature selected)", "well (sphered)", "treatment")
+WELL, WELL_NORMALIZED, WELL_SELECTED, WELL_SPHERED, TREATMENT = OUTPUT_LEVELS
 #: Columns of ``skipped.csv`` (``profile`` and ``fields``); ``kind`` is one of
 #: :data:`~microsnoop_ray.errors.SKIP_KINDS`.
 SKIPPED_COLUMNS = ["Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_FileName", "kind", "reason"]

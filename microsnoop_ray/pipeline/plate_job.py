@@ -241,7 +241,17 @@ def run_sites(cfg: ProfileConfig, todo: list, sink: SiteSink, log_file: Path | N
             "encoder_busy_seconds": round(collector.encode_seconds, 2), "encoder_actors": pools["encoder_actors"],
             "encoder_arithmetic": sorted(collector.arithmetic),
             "encoder_busy_share": round(collector.encode_seconds / max(1e-9, pools["encoder_actors"] * seconds), 3),
-            "first_result_s": None if pools["first_result_s"] is None else round(pools["first_result_s"], 2)}
+            "first_result_s": None if pools["first_result_s"] is None else round(pools["first_result_s"], 2),
+            "step_seconds": step_seconds(collector.step_seconds, collector.sites_done)}
+
+
+def step_seconds(totals, sites: int) -> dict:
+    """Where the time goes: worker seconds per step (:data:`~.stages.STEPS`), in all and per site
+    (steps run side by side on many workers, so they add up to more than the wall time)."""
+    from .stages import STEPS
+
+    return {"sites": int(sites), "total": {k: round(float(v), 2) for k, v in zip(STEPS, totals)},
+            "per_site": {k: round(float(v) / max(1, sites), 3) for k, v in zip(STEPS, totals)}}
 
 
 def run_profile(cfg: ProfileConfig, progress_print=print, log_file: str | Path | None = "default") -> dict:

@@ -35,7 +35,7 @@ import pandas as pd
 
 from ..errors import InputError
 from ..crop.field import field_problem, prepare_field
-from ..io.sources import CellChunk, SiteKey, WorkItem
+from ..io.sources import SiteKey, WorkItem
 from ..model import EMBED_DIM, INPUT_SIZE
 from .config import CropConfig, EncodeConfig, SegmentationConfig
 
@@ -46,9 +46,15 @@ log = logging.getLogger(__name__)
 #: for all its planes.
 PLANE, SKIP, DROP, DONE = "plane", "skip", "drop", "done"
 CROP_COLUMNS = ("crop", "crop_h", "crop_w", "crop_dtype")
+#: Where the time goes: the seconds of each step, per item on its first row (column ``step_seconds``,
+#: (n, len(STEPS)) float64); the collector sums them per site.
+STEPS = ("read", "nuclei_segmentation", "cell_segmentation", "crop", "cellprofiler", "encoder")
 #: Per-object columns. ``Metadata_ObjectNumber`` is 0 on site rows (0 is the background of a label image).
+#: ``Metadata_Cells_ObjectNumber``: with ``cell_channel``, the number of the object's cell in the cell
+#: segmentation (the object's own number is its nucleus's).
 OBJECT_COLUMNS = ("Metadata_Location_Center_X", "Metadata_Location_Center_Y", "Metadata_Object_Area",
-                  "Metadata_Crop_Top", "Metadata_Crop_Bottom", "Metadata_Crop_Left", "Metadata_Crop_Right")
+                  "Metadata_Crop_Top", "Metadata_Crop_Bottom", "Metadata_Crop_Left", "Metadata_Crop_Right",
+                  "Metadata_Cells_ObjectNumber")
 
 
 def _message(item: WorkItem, exc: InputError) -> str:
@@ -63,11 +69,12 @@ def read_row(row: dict) -> dict:
     """Read the pixels of ``row["item"]``. An :class:`InputError` becomes the row's ``error`` text
     (naming plate, well, site and file); anything else propagates."""
     item: WorkItem = row["item"]
+    t0 = time.perf_counter()
     try:
         image, error = item.load(), ""
     except InputError as exc:
         image, error = np.zeros((0,), np.uint8), _message(item, exc)
-    return {"item": item, "image": image, "error": error}
+    return {"item": item, "image": image, "error": error, "read_seconds": time.perf_counter() - t0}
 
 
 # --------------------------------------------------------------------------- crop (CPU actors)
@@ -81,7 +88,7 @@ def _placeholder_channels(n: int) -> tuple[str, ...]:
 def _rows(item: WorkItem, n: int, kind: str, reason: str = "", count=1, site_planes=None) -> dict:
     """The columns every row has, for ``n`` rows of one item."""
     if site_planes is None:
-        site_planes = item.site_planes if isinstance(item, CellChunk) else n
+        site_planes = item.site_planes if item.precropped else n
     return {"plate": np.full(n, item.plate, dtype=object), "well": np.full(n, item.well, dtype=object),
             "site": np.full(n, int(item.site), np.int64), "kind": np.full(n, kind, dtype=object),
             "reason": np.full(n, reason, dtype=object), "count": np.full(n, int(count), np.int64),
@@ -96,27 +103,29 @@ def _note_row(item: WorkItem, reason: str, kind: str = SKIP, count: int = 1, sit
                 **{k: np.full(1, np.nan) for k in OBJECT_COLUMNS}, "objects_rejected": np.zeros(1, np.int64),
                 "crop": np.array([b""], dtype=object), "crop_h": np.zeros(1, np.int64),
                 "crop_w": np.zeros(1, np.int64), "crop_dtype": np.array(["<f4"], dtype=object),
-                "cp": np.array([b""], dtype=object)})
+                "cp": np.array([b""], dtype=object), "cp_objects": np.array([""], dtype=object)})
     return row
 
 
 def skip_rows(item: WorkItem, reason: str) -> dict:
     """One SKIP row that stands for every plane of the item (a cell chunk: of its cells)."""
-    if isinstance(item, CellChunk):
+    if item.precropped:
         return _note_row(item, reason, count=len(item.rows) * item.n_channels, site_planes=item.site_planes,
                          object_number=min(item.object_numbers))
     return _note_row(item, reason)
 
 
 def plane_rows(item: WorkItem, objects: pd.DataFrame, crops: np.ndarray, rejected: int = 0, dtype=None,
-               measurements: np.ndarray | None = None, site_planes: int | None = None) -> dict:
+               measurements: np.ndarray | None = None, site_planes: int | None = None,
+               compartment: str = "Cells") -> dict:
     """One row per (object, channel) plane, the crop at its native size (compact hand-off).
 
     ``crops`` (m, c, h, w) may be cell-region windows zero-padded to 224 (fields): each is cut back
     to its window (``Metadata_Crop_*``), exactly what :func:`~microsnoop_ray.model.preprocess.pad_center`
     padded. Planes travel as raw bytes in ``dtype`` (the source's, when it holds the values exactly).
     ``measurements`` (m, D) float64, the objects' CellProfiler measurements, travel on their
-    channel-0 rows (column ``cp``). ``site_planes``: the site's planes when some of its cells
+    channel-0 rows (column ``cp``), with the compartments they cover (``cp_objects``, e.g.
+    ``Nuclei,Cells,Cytoplasm``). ``site_planes``: the site's planes when some of its cells
     leave as DROP rows (default: these rows, or the cell chunk's site).
     """
     m, c = crops.shape[:2]
@@ -151,6 +160,7 @@ def plane_rows(item: WorkItem, objects: pd.DataFrame, crops: np.ndarray, rejecte
     if measurements is not None:
         cp[::c] = [np.ascontiguousarray(v, np.float64).tobytes() for v in measurements]
     row["cp"] = cp
+    row["cp_objects"] = np.full(n, compartment, dtype=object)
     return row
 
 
@@ -166,7 +176,7 @@ def concat_rows(rows: list[dict]) -> dict:
 
 def needs_segmentation(mode: str, item: WorkItem) -> bool:
     """Whether the crop stage segments ``item``: a field in cells mode without supplied labels or centres."""
-    return mode == "cells" and not isinstance(item, CellChunk) and item.supplied_objects is None
+    return mode == "cells" and not item.precropped and item.supplied_objects is None
 
 
 class CropStage:
@@ -189,7 +199,9 @@ class CropStage:
     features : tuple of str
         With ``cellprofiler``, every kept cell is measured by cp-measure on its own object (the
         site's label image; for cells without one, the object nearest the crop centre); a cell it
-        cannot measure becomes a :data:`DROP` row with the reason.
+        cannot measure becomes a :data:`DROP` row with the reason. Items with a ``cell_channel``
+        have cells segmented besides their nuclei, matched to them
+        (:func:`~microsnoop_ray.segment.match.match_cells`), and measured in three compartments.
     """
 
     def __init__(self, segmentation: SegmentationConfig = SegmentationConfig(), crop: CropConfig = CropConfig(),
@@ -198,6 +210,7 @@ class CropStage:
         self.seg, self.crop, self.gpu, self.on_field = segmentation, crop, gpu, on_field
         self._segment = segmenter
         self.measure = "cellprofiler" in features
+        self.seconds = dict.fromkeys(STEPS, 0.0)  # the item in hand's (:meth:`process`)
         if self.measure:
             from ..features.cellprofiler import require_cp_measure
             require_cp_measure()
@@ -213,38 +226,86 @@ class CropStage:
         cap = self.crop.max_cells_per_site
         if not cap or n <= cap:
             return np.arange(n)
-        name = f"{key.plate}|{key.well}|{key.site}"  # the seed of earlier versions: same cells drawn
+        # seeded by the site's name, so a site draws the same cells whatever else the run holds
+        name = f"{key.plate}|{key.well}|{key.site}"
         rng = np.random.default_rng([int(self.crop.seed)] + [ord(ch) for ch in name])
         return np.sort(rng.choice(n, size=int(cap), replace=False))
 
     def needs_segmentation(self, item: WorkItem) -> bool:
         return needs_segmentation(self.crop.mode, item)
 
-    def process(self, row: dict, labels: np.ndarray | None = None) -> dict:
-        """One read row (``item``, ``image``, ``error``) -> plane rows (``labels``: segmented already)."""
+    def segment(self, items: list[WorkItem], images: list[np.ndarray]) -> list[tuple]:
+        """``(nuclei, cells or None, seconds)`` of fields, the segmenter called once per kind for all
+        (``seconds``: each field's share of the two calls, by step).
+
+        Nuclei are segmented on each item's nuclei channel; items with a ``cell_channel`` also get
+        cells (Cellpose on the cell channel with the nuclei channel, at the cell diameter). A field
+        that cannot be segmented (:func:`~microsnoop_ray.crop.field.field_problem`) gets empty labels.
+        """
+        from ..segment import CellposeSegmenter
+
+        ok = [i for i, im in enumerate(images) if field_problem(im) is None]
+        nuclei_planes = [np.asarray(images[i][items[i].nuclei_channel], np.float32) for i in ok]
+        t0 = time.perf_counter()
+        nuclei = dict(zip(ok, self.segmenter()(nuclei_planes) if ok else []))
+        t1 = time.perf_counter()
+        with_cells = [j for j, i in enumerate(ok) if items[i].cell_channel is not None]
+        cells: dict[int, np.ndarray] = {}
+        if with_cells:
+            if not isinstance(self.segmenter(), CellposeSegmenter):
+                raise ValueError("cells are segmented by Cellpose: --cell-channel needs --segmenter cellpose and "
+                                 "--cellpose-model FILE (a two-channel cytoplasm model)")
+            cyto = [np.asarray(images[ok[j]][items[ok[j]].cell_channel], np.float32) for j in with_cells]
+            found = self.segmenter()([nuclei_planes[j] for j in with_cells], cyto=cyto,
+                                     diameter=self.seg.cell_diameter or 2 * self.seg.diameter)
+            cells = {ok[j]: lab for j, lab in zip(with_cells, found)}
+        share = {"nuclei_segmentation": (t1 - t0) / max(1, len(ok)),
+                 "cell_segmentation": (time.perf_counter() - t1) / max(1, len(with_cells))}
+        return [(nuclei.get(i, np.zeros(im.shape[1:], np.int32)), cells.get(i),
+                 {k: v for k, v in share.items() if k == "nuclei_segmentation" or i in cells})
+                for i, im in enumerate(images)]
+
+    def _supplied(self, item: WorkItem, image: np.ndarray) -> tuple[np.ndarray | None, pd.DataFrame | None]:
+        """The item's own objects: a label image, or crop windows around supplied centres. Raises InputError."""
         from ..crop.windows import bboxes_from_centres
 
+        if self.crop.mode != "cells":
+            return None, None
+        labels = item.labels()
+        if labels is not None and labels.shape != image.shape[1:]:
+            raise InputError(item.where, f"label image {labels.shape} does not match the field {image.shape[1:]}")
+        if labels is None and item.supplied_objects == "centres":
+            x, y, lab = item.object_centres()
+            return None, bboxes_from_centres(x, y, item.object_size or self.seg.diameter, image.shape[1:], lab)
+        return labels, None
+
+    def process(self, row: dict, segmented: tuple | None = None) -> dict:
+        """One read row (``item``, ``image``, ``error``) -> plane rows (``segmented``: its
+        :meth:`segment` result, when segmented already), the item's seconds per step on the first."""
+        self.seconds = dict.fromkeys(STEPS, 0.0)
+        self.seconds["read"] = float(row.get("read_seconds", 0.0))
+        out = self._process(row, segmented)
+        steps = np.zeros((len(out["kind"]), len(STEPS)))
+        steps[0] = [self.seconds[k] for k in STEPS]
+        out["step_seconds"] = steps
+        return out
+
+    def _process(self, row: dict, segmented: tuple | None) -> dict:
         item: WorkItem = row["item"]
         if row["error"]:
             return skip_rows(item, row["error"])
         image = row["image"]
-        if isinstance(item, CellChunk):
+        if item.precropped:
             return self._cells(item, image)
-        bboxes = None
         try:
-            if self.crop.mode == "cells" and labels is None:
-                labels = item.labels()
-                if labels is None and item.supplied_objects == "centres":
-                    x, y, lab = (np.array(v) for v in zip(*item.centres)) if item.centres else ([], [], [])
-                    bboxes = bboxes_from_centres(x, y, item.object_size or self.seg.diameter, image.shape[1:], lab)
-                if labels is not None and labels.shape != image.shape[1:]:
-                    raise InputError(item.where, f"label image {labels.shape} does not match the field "
-                                                 f"{image.shape[1:]}")
+            labels, bboxes = self._supplied(item, image)
         except InputError as exc:
             return skip_rows(item, _message(item, exc))
+        cells = None
         if labels is None and bboxes is None and self.needs_segmentation(item):
-            labels = (self.segmenter()([np.asarray(image[item.nuclei_channel], np.float32)])[0]
-                      if field_problem(image) is None else np.zeros(image.shape[1:], np.int32))
+            labels, cells, seconds = segmented if segmented is not None else self.segment([item], [image])[0]
+            self.seconds.update(seconds)
+        t0 = time.perf_counter()
         prep = prepare_field(image, self.crop.mode, labels=labels, bboxes=bboxes,
                              rescale_constant=self.crop.rescale_constant, border=self.crop.border,
                              tile_overlap=self.crop.tile_overlap, where=item.where)
@@ -257,37 +318,65 @@ class CropStage:
             objects = objects.assign(Metadata_ObjectNumber=np.arange(1, len(prep.crops) + 1))
         keep = self._subsample(len(prep.crops), item.key)
         objects, crops = objects.iloc[keep].reset_index(drop=True), prep.crops[keep]
+        self.seconds["crop"] += time.perf_counter() - t0
+        # the one object measured is named for what it is: segmented on the nuclei channel, or nucleus
+        # centres, it is the nucleus; a supplied label image may hold anything, and stays "Cells"
+        site = _Site(item, objects, crops, len(prep.rejected), image.dtype,
+                     "Cells" if item.supplied_objects == "labels" else "Nuclei")
+        if cells is not None:
+            return self._with_cells(site, image, labels, cells)
         if not self.measure:
-            return plane_rows(item, objects, crops, rejected=len(prep.rejected), dtype=image.dtype)
+            return site.rows()
+        return site.rows(*self._measure_nuclei(item, image, labels, objects))
+
+    def _measure_nuclei(self, item: WorkItem, image: np.ndarray, labels: np.ndarray | None,
+                        objects: pd.DataFrame) -> tuple[np.ndarray, dict[int, str]]:
+        """CellProfiler measurements of one object per crop: its label, or (supplied centres) the
+        object nearest the window's centre."""
         from ..features.cellprofiler import measure_crops, measure_windows
 
+        t0 = time.perf_counter()
         names = _placeholder_channels(image.shape[0])
         if labels is not None:
             values, failed = measure_windows(image, labels, objects, names)
-        else:  # objects given by centres: each window's object nearest its centre
+        else:
             windows = [image[:, t:b, l:r] for t, b, l, r in objects[["Metadata_Crop_Top", "Metadata_Crop_Bottom",
                        "Metadata_Crop_Left", "Metadata_Crop_Right"]].to_numpy(np.int64)]
             values = np.stack([measure_crops(w[None], names)[0][0] for w in windows])
             failed = {int(o): "CellProfiler measurements: its object could not be measured"
                       for o, v in zip(objects["Metadata_ObjectNumber"], values) if np.isnan(v).all()}
-        return self._measured_rows(item, objects, crops, values, failed, len(prep.rejected), image.dtype)
+        self.seconds["cellprofiler"] += time.perf_counter() - t0
+        return values, failed
 
-    def _measured_rows(self, item, objects: pd.DataFrame, crops: np.ndarray, values: np.ndarray,
-                       failed: dict[int, str], rejected: int, dtype) -> dict:
-        """Plane rows of the measured cells, DROP rows (with the reason) for those cp-measure could not measure."""
-        numbers = objects["Metadata_ObjectNumber"].to_numpy(np.int64)
-        ok = np.array([int(o) not in failed for o in numbers], bool)
-        c = crops.shape[1]
-        total = item.site_planes if isinstance(item, CellChunk) else len(numbers) * c
-        rows = [_note_row(item, f"{item.where}: cell {int(o)}: {failed[int(o)]}", DROP, count=c,
-                          site_planes=total, object_number=int(o))
-                for o in numbers[~ok]]
-        if ok.any():
-            rows.append(plane_rows(item, objects[ok].reset_index(drop=True), crops[ok], rejected=rejected,
-                                   dtype=dtype, measurements=values[ok], site_planes=total))
-        return concat_rows(rows) if rows else skip_rows(item, f"{item.where}: no cell could be measured")
+    def _with_cells(self, site: "_Site", image: np.ndarray, nuclei: np.ndarray, cells: np.ndarray) -> dict:
+        """Rows of a field with nuclei and cells: nuclei without a cell are dropped with the reason, cells
+        without a nucleus counted; with ``cellprofiler``, Nuclei, Cells and Cytoplasm are measured."""
+        from ..segment.match import match_cells
 
-    def _cells(self, item: CellChunk, cells: np.ndarray) -> dict:
+        matched = match_cells(nuclei, cells)
+        numbers = site.objects["Metadata_ObjectNumber"].to_numpy(np.int64)
+        failed = {int(o): matched.nuclei_without_cell[int(o)] for o in numbers
+                  if int(o) in matched.nuclei_without_cell}
+        site.compartment = "Nuclei,Cells,Cytoplasm"
+        site.objects = site.objects.assign(Metadata_Cells_ObjectNumber=[matched.cell_of.get(int(o), np.nan)
+                                                                        for o in numbers])
+        site.orphans = matched.cells_without_nucleus
+        values = None
+        if self.measure:
+            from ..features.cellprofiler import measure_cells
+
+            t0 = time.perf_counter()
+            todo = [o for o in numbers if int(o) not in failed]
+            measured, more = measure_cells(image, nuclei, matched.cells, todo,
+                                           _placeholder_channels(image.shape[0]))
+            values = np.full((len(numbers), measured.shape[1]), np.nan)
+            values[[int(np.flatnonzero(numbers == o)[0]) for o in todo]] = measured
+            failed.update(more)
+            self.seconds["cellprofiler"] += time.perf_counter() - t0
+        return site.rows(values, failed)
+
+    def _cells(self, item: WorkItem, cells: np.ndarray) -> dict:
+        """Rows of a chunk of pre-cropped cells (cells with NaN or infinite pixels dropped)."""
         if cells.shape[-1] > INPUT_SIZE or cells.shape[-2] > INPUT_SIZE:
             return skip_rows(item, f"{item.where}: cells of {cells.shape[-2]}x{cells.shape[-1]} are larger than "
                                    f"{INPUT_SIZE}")
@@ -295,33 +384,59 @@ class CropStage:
             return skip_rows(item, f"{item.where}: pixel type {cells.dtype} is not numeric")
         numbers = np.asarray(item.object_numbers, np.int64)
         bad = ~np.isfinite(cells.reshape(len(cells), -1)).all(axis=1)
-        rows = [_note_row(item, f"{item.where}: cell {int(o)} has NaN or infinite pixels", DROP,
-                          count=cells.shape[1], site_planes=item.site_planes, object_number=int(o))
-                for o in numbers[bad]]
-        if (~bad).any():
-            objects = pd.DataFrame({"Metadata_ObjectNumber": numbers[~bad]})
-            if self.measure:
-                from ..features.cellprofiler import measure_crops
+        site = _Site(item, pd.DataFrame({"Metadata_ObjectNumber": numbers}), cells, 0, cells.dtype, "Cells")
+        failed = {int(o): "has NaN or infinite pixels" for o in numbers[bad]}
+        values = None
+        if self.measure and (~bad).any():
+            from ..features.cellprofiler import measure_crops
 
-                values, failed = measure_crops(cells[~bad], _placeholder_channels(cells.shape[1]))
-                failed = {int(numbers[~bad][i]): why for i, why in failed.items()}
-                rows.append(self._measured_rows(item, objects, cells[~bad], values, failed, 0, cells.dtype))
-            else:
-                rows.append(plane_rows(item, objects, cells[~bad]))
-        return concat_rows(rows)
+            t0 = time.perf_counter()
+            good, why = measure_crops(cells[~bad], _placeholder_channels(cells.shape[1]))
+            values = np.full((len(cells), good.shape[1]), np.nan)
+            values[~bad] = good
+            failed.update({int(numbers[~bad][i]): w for i, w in why.items()})
+            self.seconds["cellprofiler"] += time.perf_counter() - t0
+        return site.rows(values, failed)
 
     def __call__(self, batch: dict) -> dict:
-        """Several fields at once: their nuclei channels go through the segmenter in one call (Cellpose
-        batches fields of equal size through the network together, on the GPU when it has one)."""
-        rows = [{k: batch[k][i] for k in ("item", "image", "error")} for i in range(len(batch["item"]))]
-        todo = [i for i, r in enumerate(rows) if not r["error"] and self.needs_segmentation(r["item"])
-                and field_problem(r["image"]) is None]
-        labels: dict[int, np.ndarray] = {}
+        """Several fields at once: their nuclei (and cell) channels go through the segmenter in one call
+        (Cellpose batches fields of equal size through the network together, on the GPU when it has one)."""
+        rows = [{k: batch[k][i] for k in ("item", "image", "error", "read_seconds") if k in batch}
+                for i in range(len(batch["item"]))]
+        todo = [i for i, r in enumerate(rows) if not r["error"] and self.needs_segmentation(r["item"])]
+        segmented: dict[int, tuple] = {}
         if len(todo) > 1:
-            masks = self.segmenter()([np.asarray(rows[i]["image"][rows[i]["item"].nuclei_channel], np.float32)
-                                      for i in todo])
-            labels = dict(zip(todo, masks))
-        return concat_rows([self.process(r, labels.get(i)) for i, r in enumerate(rows)])
+            segmented = dict(zip(todo, self.segment([rows[i]["item"] for i in todo], [rows[i]["image"] for i in todo])))
+        return concat_rows([self.process(r, segmented.get(i)) for i, r in enumerate(rows)])
+
+
+class _Site:
+    """What the crop stage found in one item, turned into rows: plane rows of the kept objects, a
+    :data:`DROP` row (with the reason) for each object left out, and one for the cells found without
+    a nucleus (standing for no plane: they were never objects of the site)."""
+
+    def __init__(self, item: WorkItem, objects: pd.DataFrame, crops: np.ndarray, rejected: int, dtype,
+                 compartment: str):
+        self.item, self.objects, self.crops, self.rejected, self.dtype = item, objects, crops, rejected, dtype
+        self.compartment, self.orphans = compartment, 0
+
+    def rows(self, values: np.ndarray | None = None, failed: dict[int, str] | None = None) -> dict:
+        item, failed = self.item, failed or {}
+        numbers = self.objects["Metadata_ObjectNumber"].to_numpy(np.int64)
+        ok = np.array([int(o) not in failed for o in numbers], bool)
+        c = self.crops.shape[1]
+        total = item.site_planes if item.precropped else len(numbers) * c
+        rows = []
+        if self.orphans:
+            rows.append(_note_row(item, f"{item.where}: {self.orphans} cell(s) without a nucleus", DROP, count=0,
+                                  site_planes=total))
+        rows += [_note_row(item, f"{item.where}: cell {int(o)}: {failed[int(o)]}", DROP, count=c, site_planes=total,
+                           object_number=int(o)) for o in numbers[~ok]]
+        if ok.any():
+            rows.append(plane_rows(item, self.objects[ok].reset_index(drop=True), self.crops[ok],
+                                   rejected=self.rejected, dtype=self.dtype, site_planes=total,
+                                   measurements=None if values is None else values[ok], compartment=self.compartment))
+        return concat_rows(rows) if rows else skip_rows(item, f"{item.where}: no cells")
 
 
 # --------------------------------------------------------------------------- encode (actor pool)
@@ -397,6 +512,9 @@ class EncodeStage:
         batch["features"] = feats
         # the actor's busy time, spread over the rows (the driver sums it: encoder utilisation)
         batch["encode_seconds"] = np.full(n, (time.perf_counter() - t0) / max(1, n))
+        if "step_seconds" in batch:
+            batch["step_seconds"] = batch["step_seconds"].copy()
+            batch["step_seconds"][:, STEPS.index("encoder")] += batch["encode_seconds"]
         batch["arithmetic"] = np.full(n, self.arithmetic, dtype=object)  # decided on the actor's own node
         batch["cells"] = np.zeros(n, np.int64)
         return batch if self.sink is None else self._write_complete_sites(batch)
@@ -424,6 +542,8 @@ class EncodeStage:
         rows["reason"] = np.array([reasons.get(key, "") for key in keys], dtype=object)
         rows["features"][:] = 0
         rows["encode_seconds"] = batch["encode_seconds"][0] * np.array([len(groups[key]) for key in keys], float)
+        if "step_seconds" in batch:
+            rows["step_seconds"] = np.stack([batch["step_seconds"][groups[key]].sum(axis=0) for key in keys])
         rest = [part for key, parts in here.pending.items() for part in parts]
         return concat_rows([rows] + rest)
 
@@ -458,6 +578,8 @@ class SiteCollector:
         self.sites_done = self.sites_written = self.sites_skipped = 0
         self.duplicates = 0
         self.encode_seconds = 0.0
+        #: seconds per step (:data:`STEPS`) summed over every row received
+        self.step_seconds = np.zeros(len(STEPS))
         self.arithmetic: set[str] = set()
 
     @staticmethod
@@ -469,6 +591,8 @@ class SiteCollector:
         node died) is counted once; rows of a site already handed on are ignored."""
         if "encode_seconds" in batch:
             self.encode_seconds += float(np.sum(batch["encode_seconds"]))
+        if "step_seconds" in batch:
+            self.step_seconds += np.asarray(batch["step_seconds"]).sum(axis=0)
         for key, idx in site_rows(batch).items():
             part = {k: np.asarray(v)[idx] for k, v in batch.items()}
             if key in self.done:
@@ -553,7 +677,7 @@ def assemble_cells(rows: dict, channels: list[str], features: tuple[str, ...] = 
     if "cellprofiler" in features:
         from ..features.cellprofiler import cellprofiler_names
 
-        names = cellprofiler_names(channels)
+        names = cellprofiler_names(channels, str(rows["cp_objects"][first][0]).split(","))
         values = np.stack([np.frombuffer(b, np.float64) for b in rows["cp"][first]])
         if values.shape[1] != len(names):  # every object is measured with the same layout: a bug if not
             raise RuntimeError(f"{values.shape[1]} CellProfiler values for {len(names)} names")
@@ -561,7 +685,7 @@ def assemble_cells(rows: dict, channels: list[str], features: tuple[str, ...] = 
     meta = pd.DataFrame({"Metadata_ObjectNumber": rows["Metadata_ObjectNumber"][first].astype(np.int64),
                          **{k: rows[k][first] for k in OBJECT_COLUMNS}})
     for k in ("Metadata_Crop_Top", "Metadata_Crop_Bottom", "Metadata_Crop_Left", "Metadata_Crop_Right",
-              "Metadata_Object_Area"):
+              "Metadata_Object_Area", "Metadata_Cells_ObjectNumber"):
         if meta[k].isna().all():
             meta = meta.drop(columns=k)
         elif k != "Metadata_Object_Area" or not meta[k].isna().any():

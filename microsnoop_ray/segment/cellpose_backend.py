@@ -127,7 +127,8 @@ class CellposeSegmenter:
         use_gpu = bool(gpu and torch.cuda.is_available())
         self.model = models.CellposeModel(pretrained_model=str(self.weights), gpu=use_gpu)
 
-    def __call__(self, planes: list[np.ndarray], cyto: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    def __call__(self, planes: list[np.ndarray], cyto: list[np.ndarray] | None = None,
+                 diameter: float | None = None) -> list[np.ndarray]:
         """Segment fields.
 
         Parameters
@@ -136,6 +137,8 @@ class CellposeSegmenter:
             The nuclei (or single segmentation) channel of each field.
         cyto : list of (H, W) arrays, optional
             A cytoplasm channel; with it Cellpose sees (cyto, nuclei).
+        diameter : float, optional
+            The objects' diameter for this call (default: the segmenter's).
 
         Returns
         -------
@@ -153,7 +156,8 @@ class CellposeSegmenter:
                 x = np.stack([np.stack([np.asarray(cyto[i], np.float32), np.asarray(planes[i], np.float32)], -1)
                               for i in idx])
                 channels = [1, 2]
-            masks, _, _ = self.model.eval(x, channels=channels, channel_axis=-1, diameter=self.diameter,
+            masks, _, _ = self.model.eval(x, channels=channels, channel_axis=-1,
+                                          diameter=float(diameter or self.diameter),
                                           batch_size=self.batch_size, flow_threshold=self.flow_threshold,
                                           cellprob_threshold=self.cellprob_threshold)
             masks = np.asarray(masks)
