@@ -149,7 +149,7 @@ def main() -> None:
         print(table(json.loads(args.table.read_text())))
         return
     if args.cache is None:
-        from microsnoop_ray.config import cache_dir
+        from microsnoop_ray.io.cache import cache_dir
         args.cache = cache_dir() / "weights_study"
     print(table(run(args)))
 

@@ -350,7 +350,7 @@ def main() -> None:
             print(json.dumps(ship(doc, args.ship, args.table), indent=1))
         return
     if args.cache is None:
-        from microsnoop_ray.config import cache_dir
+        from microsnoop_ray.io.cache import cache_dir
         args.cache = cache_dir() / "weights_study"
     run(args)
 

@@ -157,8 +157,12 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         summary = run_profile(cfg, progress_print=(lambda *a: None) if args.quiet else print,
                               log_file=None if args.verbose else "default")
     out = Path(summary["out"])
+    from .pipeline.run_report import write_run_report
+
+    report = write_run_report(out, summary, color_by=cfg.treatment_keys[0] if cfg.treatment_keys else None)
     if not args.quiet:
-        print(f"profiles in {out} (summary.json, skipped.csv); {summary['skipped']} input(s) skipped")
+        print(f"profiles in {out} (summary.json, skipped.csv, {report.name}/README.md); "
+              f"{summary['skipped']} input(s) skipped")
     return 3 if summary["skipped"] else 0
 
 

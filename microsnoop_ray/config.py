@@ -14,12 +14,6 @@ import yaml
 from .errors import InputError
 
 
-def cache_dir() -> Path:
-    """Where derived files are cached (converted Cellpose weights, fetched example data):
-    ``$MICROSNOOP_CACHE``, else ``~/.cache/microsnoop-ray``."""
-    return Path(os.environ.get("MICROSNOOP_CACHE", Path.home() / ".cache" / "microsnoop-ray"))
-
-
 def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
     """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) mapping; ``None`` gives ``{}``."""
     if path is None:

@@ -1,5 +1,6 @@
 """The package's shape, checked from its source: no import cycle between its modules (imports inside
-functions included), and no function longer than a reader can hold."""
+functions included), imports that go down the layers only, no function longer than a reader can hold,
+and input kinds told apart in ``io/sources.py`` alone."""
 from __future__ import annotations
 
 import ast
@@ -82,13 +83,85 @@ def test_no_import_cycle_between_the_package_modules():
     assert cycle is None, " -> ".join(cycle)
 
 
-def test_no_function_longer_than_100_lines():
-    long = []
-    for f in sorted(PACKAGE.rglob("*.py")):
-        for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 100:
-                long.append(f"{f.relative_to(PACKAGE)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+#: The layers, lowest first: a module may import its own layer and those below it, never one above.
+#: Stages (segment, crop, features, encode) sit side by side on the model's contract and import none
+#: of each other's; the jobs (pipeline) put them together, and the command line calls the jobs.
+LAYERS = (
+    ("microsnoop_ray", "errors"),
+    ("profiles",),
+    ("plots",),
+    ("io",),
+    ("config",),
+    ("model",),
+    ("segment", "crop", "features", "encode"),
+    ("evaluate", "train"),
+    ("pipeline",),
+    ("cli",),
+)
+#: imports allowed inside one layer (the stages of the layer above the model stay apart)
+SIDE_BY_SIDE = {("evaluate", "encode"), ("evaluate", "features"), ("train", "crop"), ("train", "segment")}
+LONGEST_FUNCTION = 60
+
+
+def _part(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    rank = {name: i for i, names in enumerate(LAYERS) for name in names}
+    bad = []
+    for a, targets in sorted(graph.items()):
+        for b in sorted(targets):
+            pa, pb = _part(a), _part(b)
+            if pa == pb or "microsnoop_ray" in (pa, pb):  # the package root only re-exports, lazily
+                continue
+            if rank[pb] > rank[pa] or (rank[pb] == rank[pa] and (pa, pb) not in SIDE_BY_SIDE):
+                bad.append(f"{a} -> {b}")
+    return bad
+
+
+def test_the_layer_check_finds_an_import_upwards():
+    assert layer_violations({"microsnoop_ray.crop.windows": {"microsnoop_ray.encode.embed"},
+                             "microsnoop_ray.io.tables": {"microsnoop_ray.pipeline.config"},
+                             "microsnoop_ray.pipeline.stages": {"microsnoop_ray.io.sources"}}) == [
+        "microsnoop_ray.crop.windows -> microsnoop_ray.encode.embed",
+        "microsnoop_ray.io.tables -> microsnoop_ray.pipeline.config"]
+
+
+def test_imports_go_down_the_layers():
+    graph = import_graph()
+    assert {_part(m) for m in graph} <= {n for names in LAYERS for n in names}, "a package without a layer"
+    assert layer_violations(graph) == []
+
+
+def function_lengths(source: str) -> list[tuple[str, int, int]]:
+    """``(name, first line, lines)`` of every function: the lines from ``def`` to the end of its body,
+    docstring included."""
+    return [(n.name, n.lineno, n.end_lineno - n.lineno + 1) for n in ast.walk(ast.parse(source))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def test_no_function_longer_than_60_lines():
+    long = [f"{f.relative_to(PACKAGE)}:{line} {name} ({n})" for f in sorted(PACKAGE.rglob("*.py"))
+            for name, line, n in function_lengths(f.read_text()) if n > LONGEST_FUNCTION]
     assert not long, long
+
+
+def test_input_kinds_are_told_apart_in_sources_only():
+    """Work items carry their behaviour (``precropped``, ``crop_side``, ``supplied_objects``, ...): no other
+    module asks an item for its class."""
+    kinds = {"WorkItem", "ZarrField", "FileField", "CellChunk"}
+    found = []
+    for f in sorted(PACKAGE.rglob("*.py")):
+        if f.relative_to(PACKAGE).as_posix() == "io/sources.py":
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("isinstance", "issubclass"):
+                names = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)} if len(node.args) > 1 else set()
+                if names & kinds:
+                    found.append(f"{f.relative_to(PACKAGE)}:{node.lineno}")
+    assert not found, found
 
 
 def test_the_read_and_crop_stages_and_the_command_line_import_without_torch():

@@ -188,7 +188,12 @@ def crop_cells(image: np.ndarray, labels: np.ndarray | None = None, rescale_cons
     crops = np.zeros((len(win), image.shape[0], size, size), dtype=np.float32)
     for i, w in enumerate(win.itertuples(index=False)):
         crops[i] = pad_center(image[:, w.top:w.bottom, w.left:w.right], size)
-    table = pd.DataFrame({
+    return crops, _window_table(win), rejected
+
+
+def _window_table(win: pd.DataFrame) -> pd.DataFrame:
+    """The per-object columns of :func:`crop_cells` from its kept windows."""
+    return pd.DataFrame({
         "Metadata_ObjectNumber": win["label"].astype(np.int64),
         "Metadata_Location_Center_X": win["center_c"].astype(np.float64),
         "Metadata_Location_Center_Y": win["center_r"].astype(np.float64),
@@ -196,7 +201,6 @@ def crop_cells(image: np.ndarray, labels: np.ndarray | None = None, rescale_cons
         "Metadata_Crop_Left": win["left"], "Metadata_Crop_Right": win["right"],
         "Metadata_Object_Area": win["area"],
     })
-    return crops, table, rejected
 
 
 def tile_starts(side: int, size: int = CROP_SIZE, overlap: float = TILE_OVERLAP) -> np.ndarray:

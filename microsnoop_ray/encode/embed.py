@@ -183,23 +183,24 @@ def embed(images, model=None, batch_size: int = 32, device=None, normalization: 
     enc = encoder if encoder is not None else Encoder(model, device, precision=precision)
     per_chunk = max(1, batch_size // c)
     out = np.empty((n, EMBED_DIM * c), dtype=np.float32)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=n, unit="img", desc="embed", leave=False)
-    for start in range(0, n, per_chunk):
-        stop = min(n, start + per_chunk)
-        chunk = _padded_chunk(images, start, stop, size)  # (m, C, size, size)
-        bad = ~np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
-        if bad.any():
-            raise InputError(source, f"image {start + int(np.argmax(bad))} has NaN or infinite pixels")
-        planes = normalize_percentile(chunk.reshape(-1, size, size), mode=normalization)
-        out[start:stop] = enc(planes).reshape(stop - start, EMBED_DIM * c)
-        if bar is not None:
+    with _progress(n if progress else 0) as bar:
+        for start in range(0, n, per_chunk):
+            stop = min(n, start + per_chunk)
+            chunk = _padded_chunk(images, start, stop, size)  # (m, C, size, size)
+            bad = ~np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
+            if bad.any():
+                raise InputError(source, f"image {start + int(np.argmax(bad))} has NaN or infinite pixels")
+            planes = normalize_percentile(chunk.reshape(-1, size, size), mode=normalization)
+            out[start:stop] = enc(planes).reshape(stop - start, EMBED_DIM * c)
             bar.update(stop - start)
-    if bar is not None:
-        bar.close()
     return out
+
+
+def _progress(total: int):
+    """A tqdm bar on stderr for ``total`` images, or (0) one that shows nothing."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", desc="embed", leave=False, disable=not total)
 
 
 def feature_names(channel_names: Sequence[str], prefix: str = "Microsnoop") -> list[str]:

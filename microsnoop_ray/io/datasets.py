@@ -20,7 +20,7 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from ..config import cache_dir
+from .cache import cache_dir
 from ..errors import InputError
 from .atomic import atomic_dir
 

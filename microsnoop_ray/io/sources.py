@@ -327,68 +327,28 @@ def list_sources(inputs: Sequence[str | Path], batch: str = "default", nuclei_ch
         For an input that is none of these, or a plate given twice; per-field problems surface
         when the item is read.
     """
-    items: list[WorkItem] = []
-    plates: dict[str, PlateInfo] = {}
-    problems: list[dict] = []
-
-    def add_plate(info: PlateInfo) -> None:
-        if info.name in plates:
-            raise InputError(info.source, f"plate {info.name} is also given by {plates[info.name].source}")
-        plates[info.name] = info
-
+    lister = _Lister(dict(batch=batch, nuclei_channel=nuclei_channel, cell_channel=cell_channel, labels=labels,
+                          cell_table=cell_table, channel_names=channel_names, max_cells_per_site=max_cells_per_site,
+                          seed=seed, cells_per_chunk=cells_per_chunk, object_size=object_size, locations=locations))
     loose = [Path(p) for p in inputs if Path(p).suffix.lower() in IMAGE_SUFFIXES and Path(p).is_file()
              and not (Path(p).suffix.lower() == ".npy" and cell_table)]
     if masks is not None and len(masks) != len(loose):
         raise InputError("--masks", f"{len(masks)} label images for {len(loose)} image files")
-    for raw in inputs:
-        path = Path(raw)
+    for path in (Path(p) for p in inputs):
         if path in loose:
             continue
         if is_plate_folder(path):
-            plate = open_plate(path)
-            fields = list(plate.fields())
-            channels = plate.channel_names(fields[0]) if fields else []
-            nuc = channel_index(nuclei_channel, channels, path)
-            cell = channel_index(cell_channel, channels, path, "cell channel")
-            add_plate(PlateInfo(plate.name, batch, channels, str(path), [SiteKey(plate.name, f.well, f.site)
-                                                                         for f in fields]))
-            items += [ZarrField(plate.name, f.well, f.site, len(channels), nuc, cell, path=str(path), group=f.path,
-                                label_name=labels or None, object_size=object_size,
-                                centres_file=locations_file(locations, plate.name, f.well, f.site))
-                      for f in fields]
+            lister.plate(path)
         elif path.suffix.lower() in TABLE_SUFFIXES and path.is_file():
-            table, channels = read_image_table(path)
-            nuc = channel_index(nuclei_channel, channels, path)
-            cell = channel_index(cell_channel, channels, path, "cell channel")
-            keys = ["Metadata_Plate", "Metadata_Well", "Metadata_Site"]
-            dup = table.duplicated(keys, keep="first")
-            problems += [{"Metadata_Plate": r.Metadata_Plate, "Metadata_Well": r.Metadata_Well,
-                          "Metadata_Site": int(r.Metadata_Site), "kind": DUPLICATE_FIELD,
-                          "reason": f"duplicate field in {path.name}; the first row was used"}
-                         for r in table[dup].itertuples(index=False)]
-            for name, sub in table[~dup].groupby("Metadata_Plate", sort=True):
-                name = str(name)
-                add_plate(PlateInfo(name, batch, channels, str(path),
-                                    [SiteKey(name, w, int(s)) for w, s in zip(sub["Metadata_Well"],
-                                                                              sub["Metadata_Site"])]))
-                items += [FileField(name, r.Metadata_Well, int(r.Metadata_Site), len(channels), nuc, cell,
-                                    files=tuple(str(r[f"Path_{c}"]) for c in channels),
-                                    illum=tuple(str(r[f"Illum_{c}"]) for c in channels if f"Illum_{c}" in r),
-                                    object_size=object_size,
-                                    centres_file=locations_file(locations, name, r.Metadata_Well, r.Metadata_Site))
-                          for _, r in sub.iterrows()]
+            lister.table(path)
         elif path.suffix.lower() in ARRAY_SUFFIXES and path.is_file():
-            if locations or cell_channel is not None:
-                raise InputError(path, "--locations and --cell-channel concern fields; a cell array is cells already cut")
-            _cell_items(path, batch, cell_table, channel_names, max_cells_per_site, seed, cells_per_chunk,
-                        items, add_plate)
+            lister.cells(path)
         else:
             raise InputError(path, "not an OME-Zarr plate folder, an image table (.parquet/.csv), a cell array "
                                    "(.npz/.npy) or an image file (.tif/.png/.jpg)")
     if loose:
-        _loose_items(loose, batch, (nuclei_channel, cell_channel), channel_names, masks, centres, object_size, items,
-                     add_plate)
-    return Work(items, plates, problems)
+        lister.loose(loose, masks, centres)
+    return Work(lister.items, lister.plates, lister.problems)
 
 
 def locations_file(folder: str | Path | None, plate: str, well: str, site: int) -> str | None:
@@ -397,62 +357,115 @@ def locations_file(folder: str | Path | None, plate: str, well: str, site: int) 
     return str(Path(folder) / str(plate) / f"{well}-{int(site)}-Nuclei.csv") if folder else None
 
 
-def _cell_items(path, batch, cell_table, channel_names, max_cells_per_site, seed, cells_per_chunk, items,
-                add_plate) -> None:
-    arr, meta = read_cell_array(path, cell_table)
-    channels = list(channel_names or [f"ch{i}" for i in range(arr.shape[1])])
-    if len(channels) != arr.shape[1]:
-        raise InputError(path, f"{len(channels)} channel names for {arr.shape[1]} channels")
-    keys = ["Metadata_Plate", "Metadata_Well", "Metadata_Site"]
-    meta = meta.assign(_row=np.arange(len(meta)))
-    if max_cells_per_site:
-        meta = meta.iloc[sample_per_group(meta, keys, max_cells_per_site, seed)]
-    for name, sub in meta.groupby("Metadata_Plate", sort=True):
-        name = str(name)
-        sites = sub[["Metadata_Well", "Metadata_Site"]].drop_duplicates()
-        add_plate(PlateInfo(name, str(sub["Metadata_Batch"].iloc[0]) if "Metadata_Batch" in sub else batch,
-                            channels, str(path), [SiteKey(name, w, int(s)) for w, s in
-                                                  zip(sites["Metadata_Well"], sites["Metadata_Site"])]))
-        for (well, site), cells in sub.groupby(["Metadata_Well", "Metadata_Site"], sort=True):
-            for start in range(0, len(cells), cells_per_chunk):
-                part = cells.iloc[start:start + cells_per_chunk]
-                items.append(CellChunk(name, well, int(site), len(channels), path=str(path),
-                                       rows=tuple(part["_row"].astype(int).tolist()),
-                                       object_numbers=tuple(part["Metadata_ObjectNumber"].astype(int).tolist()),
-                                       site_planes=len(cells) * len(channels)))
+class _Lister:
+    """The work items, plates and problems of :func:`list_sources`, one method per kind of input
+    (``opts``: that function's options)."""
+
+    def __init__(self, opts: dict):
+        self.opts = opts
+        self.items: list[WorkItem] = []
+        self.plates: dict[str, PlateInfo] = {}
+        self.problems: list[dict] = []
+
+    def add_plate(self, info: PlateInfo) -> None:
+        if info.name in self.plates:
+            raise InputError(info.source, f"plate {info.name} is also given by {self.plates[info.name].source}")
+        self.plates[info.name] = info
+
+    def _segmented(self, channels: Sequence[str], where) -> dict:
+        """The field options every field of a plate shares: its nuclei and cell channels, supplied objects."""
+        o = self.opts
+        return {"nuclei_channel": channel_index(o["nuclei_channel"], channels, where),
+                "cell_channel": channel_index(o["cell_channel"], channels, where, "cell channel"),
+                "object_size": o["object_size"]}
+
+    def plate(self, path: Path) -> None:
+        plate = open_plate(path)
+        fields = list(plate.fields())
+        channels = plate.channel_names(fields[0]) if fields else []
+        shared = self._segmented(channels, path)
+        self.add_plate(PlateInfo(plate.name, self.opts["batch"], channels, str(path),
+                                 [SiteKey(plate.name, f.well, f.site) for f in fields]))
+        self.items += [ZarrField(plate.name, f.well, f.site, len(channels), path=str(path), group=f.path,
+                                 label_name=self.opts["labels"] or None, **shared,
+                                 centres_file=locations_file(self.opts["locations"], plate.name, f.well, f.site))
+                       for f in fields]
+
+    def table(self, path: Path) -> None:
+        table, channels = read_image_table(path)
+        shared = self._segmented(channels, path)
+        dup = table.duplicated(["Metadata_Plate", "Metadata_Well", "Metadata_Site"], keep="first")
+        self.problems += [{"Metadata_Plate": r.Metadata_Plate, "Metadata_Well": r.Metadata_Well,
+                           "Metadata_Site": int(r.Metadata_Site), "kind": DUPLICATE_FIELD,
+                           "reason": f"duplicate field in {path.name}; the first row was used"}
+                          for r in table[dup].itertuples(index=False)]
+        for name, sub in table[~dup].groupby("Metadata_Plate", sort=True):
+            name = str(name)
+            self.add_plate(PlateInfo(name, self.opts["batch"], channels, str(path),
+                                     [SiteKey(name, w, int(s)) for w, s in zip(sub["Metadata_Well"],
+                                                                               sub["Metadata_Site"])]))
+            self.items += [FileField(name, r.Metadata_Well, int(r.Metadata_Site), len(channels), **shared,
+                                     files=tuple(str(r[f"Path_{c}"]) for c in channels),
+                                     illum=tuple(str(r[f"Illum_{c}"]) for c in channels if f"Illum_{c}" in r),
+                                     centres_file=locations_file(self.opts["locations"], name, r.Metadata_Well,
+                                                                 r.Metadata_Site))
+                           for _, r in sub.iterrows()]
+
+    def cells(self, path: Path) -> None:
+        o = self.opts
+        if o["locations"] or o["cell_channel"] is not None:
+            raise InputError(path, "--locations and --cell-channel concern fields; a cell array is cells already cut")
+        arr, meta = read_cell_array(path, o["cell_table"])
+        channels = list(o["channel_names"] or [f"ch{i}" for i in range(arr.shape[1])])
+        if len(channels) != arr.shape[1]:
+            raise InputError(path, f"{len(channels)} channel names for {arr.shape[1]} channels")
+        keys = ["Metadata_Plate", "Metadata_Well", "Metadata_Site"]
+        meta = meta.assign(_row=np.arange(len(meta)))
+        if o["max_cells_per_site"]:
+            meta = meta.iloc[sample_per_group(meta, keys, o["max_cells_per_site"], o["seed"])]
+        for name, sub in meta.groupby("Metadata_Plate", sort=True):
+            name = str(name)
+            sites = sub[["Metadata_Well", "Metadata_Site"]].drop_duplicates()
+            self.add_plate(PlateInfo(name, str(sub["Metadata_Batch"].iloc[0]) if "Metadata_Batch" in sub else o["batch"],
+                                     channels, str(path), [SiteKey(name, w, int(s)) for w, s in
+                                                           zip(sites["Metadata_Well"], sites["Metadata_Site"])]))
+            for (well, site), cells in sub.groupby(["Metadata_Well", "Metadata_Site"], sort=True):
+                for start in range(0, len(cells), o["cells_per_chunk"]):
+                    part = cells.iloc[start:start + o["cells_per_chunk"]]
+                    self.items.append(CellChunk(
+                        name, well, int(site), len(channels), path=str(path), rows=tuple(part["_row"].astype(int).tolist()),
+                        object_numbers=tuple(part["Metadata_ObjectNumber"].astype(int).tolist()),
+                        site_planes=len(cells) * len(channels)))
+
+    def loose(self, files: list[Path], masks, centres: pd.DataFrame | None) -> None:
+        """Loose image files: the channel count is read from the first readable file (the others are
+        checked when they are read)."""
+        names = self.opts["channel_names"]
+        n_channels = next((n for n in map(_channel_count, files) if n), None) or (len(names) if names else 1)
+        channels = list(names or [f"ch{i}" for i in range(n_channels)])
+        if len(channels) != n_channels:
+            raise InputError(files[0], f"{len(channels)} channel names for {n_channels} channels")
+        shared = self._segmented(channels, files[0])
+        by_plate: dict[str, list[SiteKey]] = {}
+        for i, f in enumerate(files):
+            plate = f.parent.resolve().name or "fields"
+            by_plate.setdefault(plate, []).append(SiteKey(plate, None, i + 1))
+            pts = None
+            if centres is not None:
+                sel = centres if centres["file"].isna().all() else centres[centres["file"] == f.name]
+                pts = tuple((float(x), float(y), int(lab)) for x, y, lab in zip(sel["x"], sel["y"], sel["label"]))
+            self.items.append(FileField(plate, None, i + 1, n_channels, files=(str(f),), centres=pts, **shared,
+                                        label_file=str(masks[i]) if masks is not None else None))
+        for plate, keys in by_plate.items():
+            self.add_plate(PlateInfo(plate, self.opts["batch"], channels, str(files[0].parent), keys))
 
 
-def _loose_items(files, batch, segmented_channels, channel_names, masks, centres, object_size, items,
-                 add_plate) -> None:
-    """Loose image files: the channel count is read from the first readable file (the others are
-    checked when they are read)."""
-    n_channels = None
-    for f in files:
-        try:
-            n_channels = read_field(f).shape[0]
-            break
-        except InputError:
-            continue
-    n_channels = n_channels or (len(channel_names) if channel_names else 1)
-    channels = list(channel_names or [f"ch{i}" for i in range(n_channels)])
-    if len(channels) != n_channels:
-        raise InputError(files[0], f"{len(channels)} channel names for {n_channels} channels")
-    nuc = channel_index(segmented_channels[0], channels, files[0])
-    cell = channel_index(segmented_channels[1], channels, files[0], "cell channel")
-    by_plate: dict[str, list[SiteKey]] = {}
-    for i, f in enumerate(files):
-        plate = f.parent.resolve().name or "fields"
-        key = SiteKey(plate, None, i + 1)
-        by_plate.setdefault(plate, []).append(key)
-        pts = None
-        if centres is not None:
-            sel = centres if centres["file"].isna().all() else centres[centres["file"] == f.name]
-            pts = tuple((float(x), float(y), int(lab)) for x, y, lab in zip(sel["x"], sel["y"], sel["label"]))
-        items.append(FileField(plate, None, i + 1, n_channels, nuc, cell, files=(str(f),),
-                               label_file=str(masks[i]) if masks is not None else None, centres=pts,
-                               object_size=object_size))
-    for plate, keys in by_plate.items():
-        add_plate(PlateInfo(plate, batch, channels, str(files[0].parent), keys))
+def _channel_count(path: Path) -> int | None:
+    """The channels of an image file, None when it cannot be read (it is skipped with its reason later)."""
+    try:
+        return read_field(path).shape[0]
+    except InputError:
+        return None
 
 
 def read_image_stack(path: str | Path) -> tuple[object, pd.DataFrame]:

@@ -288,28 +288,34 @@ def write_plate(path: str | Path, fields: Mapping[tuple[str, int], np.ndarray], 
             well_meta["version"] = "0.4"
         _write_attrs(wgroup, {"well": well_meta}, version)
         for i, site in enumerate(sites):
-            img = np.asarray(fields[(well, site)])
-            if img.ndim == 2:
-                img = img[None]
-            if img.shape[0] != len(channel_names):
-                raise ValueError(f"{well} site {site}: {img.shape[0]} channels but {len(channel_names)} names")
-            igroup = wgroup.require_group(str(i))
-            _write_attrs(igroup, _image_meta(channel_names, version, f"{well}-{site}"), version)
-            arr = igroup.create_array("0", shape=img.shape, dtype=img.dtype,
-                                      chunks=(1, min(chunk, img.shape[1]), min(chunk, img.shape[2])))
-            arr[...] = img
-            if labels is not None and (well, site) in labels:
-                lab = np.asarray(labels[(well, site)]).astype(np.int32)
-                lgroup = igroup.require_group("labels")
-                _write_attrs(lgroup, {"labels": ["cells"]}, version)
-                cgroup = lgroup.require_group("cells")
-                meta = _image_meta(["cells"], version, "cells")
-                meta["multiscales"][0]["axes"] = meta["multiscales"][0]["axes"][1:]
-                meta["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] = [1.0, 1.0]
-                del meta["omero"]
-                meta["image-label"] = {"version": version} if version == "0.4" else {}
-                _write_attrs(cgroup, meta, version)
-                larr = cgroup.create_array("0", shape=lab.shape, dtype=np.int32, chunks=lab.shape)
-                larr[...] = lab
+            _write_field(wgroup.require_group(str(i)), np.asarray(fields[(well, site)]), channel_names, version,
+                         chunk, f"{well}-{site}", None if labels is None else labels.get((well, site)))
     _write_attrs(root, {"plate": plate_meta}, version)
     return path
+
+
+def _write_field(igroup, img: np.ndarray, channel_names: Sequence[str], version: str, chunk: int, name: str,
+                 labels: np.ndarray | None) -> None:
+    """One field's image group: its pixels (c, y, x), chunked by plane, and its label image as ``labels/cells``."""
+    if img.ndim == 2:
+        img = img[None]
+    if img.shape[0] != len(channel_names):
+        raise ValueError(f"{name.replace('-', ' site ', 1)}: {img.shape[0]} channels but {len(channel_names)} names")
+    _write_attrs(igroup, _image_meta(channel_names, version, name), version)
+    arr = igroup.create_array("0", shape=img.shape, dtype=img.dtype,
+                              chunks=(1, min(chunk, img.shape[1]), min(chunk, img.shape[2])))
+    arr[...] = img
+    if labels is None:
+        return
+    lab = np.asarray(labels).astype(np.int32)
+    lgroup = igroup.require_group("labels")
+    _write_attrs(lgroup, {"labels": ["cells"]}, version)
+    cgroup = lgroup.require_group("cells")
+    meta = _image_meta(["cells"], version, "cells")
+    meta["multiscales"][0]["axes"] = meta["multiscales"][0]["axes"][1:]
+    meta["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] = [1.0, 1.0]
+    del meta["omero"]
+    meta["image-label"] = {"version": version} if version == "0.4" else {}
+    _write_attrs(cgroup, meta, version)
+    larr = cgroup.create_array("0", shape=lab.shape, dtype=np.int32, chunks=lab.shape)
+    larr[...] = lab

@@ -173,26 +173,42 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
     obj = _read(path)
     if cellpose:
         return _load_cellpose(obj, path, device)
+    sd, card_dict, kind = _unpack(obj, path)
+    model = MicrosnoopUNet()
+    sd = _checked(_strip_prefix(sd), model.state_dict(), path)
+    has_decoder = set(model.state_dict()) <= set(sd)
+    model.load_state_dict(sd, strict=has_decoder)
+    card = _card(weights_hash(sd), card_dict, kind, path)
+    model.model_card = card
+    model.has_decoder = has_decoder
+    model.weights_path = str(path)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def _unpack(obj: Any, path: Path) -> tuple[Mapping, dict | None, str]:
+    """(state dict, stored model card or None, kind) of a checkpoint in one of the module's formats."""
     if not isinstance(obj, Mapping):
         raise WeightsError(path, f"holds a {type(obj).__name__}, not a checkpoint dict")
-
-    card_dict = None
     if obj.get("format") == FORMAT:
-        sd, card_dict = obj.get("state_dict"), obj.get("model_card")
-        kind = "microsnoop-ray"
+        sd, card, kind = obj.get("state_dict"), obj.get("model_card"), "microsnoop-ray"
     elif "model" in obj and isinstance(obj["model"], Mapping):
-        sd, kind = obj["model"], "published"
+        sd, card, kind = obj["model"], None, "published"
     elif obj and all(torch.is_tensor(v) for v in obj.values()):
-        sd, kind = obj, "state_dict"
+        sd, card, kind = obj, None, "state_dict"
     else:
         keys = ", ".join(list(map(str, obj.keys()))[:5])
         raise WeightsError(path, f"not a Microsnoop checkpoint (top-level keys: {keys})")
     if not isinstance(sd, Mapping) or not sd:
         raise WeightsError(path, "checkpoint holds no state dict")
-    sd = _strip_prefix(sd)
+    return sd, card, kind
 
-    model = MicrosnoopUNet()
-    expected = model.state_dict()
+
+def _checked(sd: Mapping, expected: Mapping, path: Path) -> dict:
+    """``sd`` as float tensors once every encoder tensor is there with its shape and nothing is foreign
+    (the decoder may be absent: an encoder-only checkpoint embeds)."""
     enc_keys = {k for k in expected if k.startswith("encoder.")}
     unknown = sorted(set(sd) - set(expected))
     missing_enc = sorted(enc_keys - set(sd))
@@ -206,32 +222,24 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
     for k, v in sd.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise WeightsError(path, f"tensor {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
-    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
-    has_decoder = set(expected) <= set(sd)
-    model.load_state_dict(sd, strict=has_decoder)
-    digest = weights_hash(sd)
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
 
-    if card_dict:
-        card = ModelCard.from_dict(card_dict)
+
+def _card(digest: str, stored: dict | None, kind: str, path: Path) -> ModelCard:
+    """The stored model card (its hash checked against the weights), or one read off the file's name."""
+    if stored:
+        card = ModelCard.from_dict(stored)
         if card.weights_sha256 and card.weights_sha256 != digest:
             raise WeightsError(path, f"weights hash {digest[:12]} does not match its model card ({card.weights_sha256[:12]})")
-    else:
-        data = _trdata_from_name(path.name) or "unknown"
-        card = ModelCard(
-            model_id=f"microsnoop-{data}-{digest[:8]}", weights_sha256=digest,
-            training_data=data, source=f"{kind} checkpoint {path.name}",
-        )
-        m = re.search(r"maskRatio-([0-9.]+?)_", path.name)
-        card.mask_ratio = float(m.group(1)) if m else None
-        m = re.search(r"inputSize-(\d+)", path.name)
-        card.input_size = int(m.group(1)) if m else None
-    model.model_card = card
-    model.has_decoder = has_decoder
-    model.weights_path = str(path)
-    model.eval()
-    if device is not None:
-        model.to(device)
-    return model
+        return card
+    data = _trdata_from_name(path.name) or "unknown"
+    card = ModelCard(model_id=f"microsnoop-{data}-{digest[:8]}", weights_sha256=digest, training_data=data,
+                     source=f"{kind} checkpoint {path.name}")
+    m = re.search(r"maskRatio-([0-9.]+?)_", path.name)
+    card.mask_ratio = float(m.group(1)) if m else None
+    m = re.search(r"inputSize-(\d+)", path.name)
+    card.input_size = int(m.group(1)) if m else None
+    return card
 
 
 def _load_cellpose(obj: Any, path: Path, device) -> MicrosnoopUNet:

@@ -41,10 +41,8 @@ def run_embed(source: str | Path, out: str | Path, encode: EncodeConfig = Encode
         ``microsnoop`` (the embedding) and/or ``cellprofiler`` (cp-measure on each image's object:
         from ``masks``, else the foreground object nearest the centre).
     masks : path, optional
-        ``.npy``/``.npz`` label images (N, H, W) of the cells.
-
-    An image cp-measure cannot measure keeps its row, with NaN CellProfiler values and the reason in
-    ``Metadata_Dropped_Reason`` (the table stays aligned with the input); the embedding is unaffected.
+        ``.npy``/``.npz`` label images (N, H, W) of the cells. An image cp-measure cannot measure keeps
+        its row, with NaN values and the reason in ``Metadata_Dropped_Reason`` (aligned with the input).
 
     Returns
     -------
@@ -53,54 +51,71 @@ def run_embed(source: str | Path, out: str | Path, encode: EncodeConfig = Encode
     """
     images, meta = read_image_stack(source)
     n, c = check_images(images, str(source))
-    names = list(channel_names) if channel_names else [f"ch{i}" for i in range(c)]
-    if len(names) != c or len(set(names)) != c or not all(names):
-        raise InputError(source, f"--channel-names gives {len(names)} distinct non-empty names for {c} channels: "
-                                 f"{','.join(names)!r}")
+    names = _channel_names(channel_names, c, source)
     if metadata:
         meta = pd.concat([meta, read_metadata_table(metadata, n)], axis=1)
     label_images = _read_masks(masks, images, n) if masks else None
     from ..encode.embed import Encoder, crop_side, embed, feature_names  # torch: only once the input is known good
     from ..model.contract import input_size_for
-
     size = input_size_for(crop_side(images), encode.input_size)
-
     encoder = Encoder(encode.weights, device="cpu" if encode.device == "auto" else encode.device,
                       compile=(n * c >= COMPILE_FROM) and "microsnoop" in features if compile is None else compile,
                       precision=encode.precision, input_size=size)
     t0 = time.perf_counter()
-    blocks, names_out, dropped, measured = [], [], {}, {}
+    values, names_out = np.zeros((n, 0), np.float32), []
     if "microsnoop" in features:
-        blocks.append(embed(images, batch_size=encode.batch_size, normalization=encode.normalization,
-                            source=str(source), progress=progress and n >= 64, encoder=encoder, input_size=size))
+        values = embed(images, batch_size=encode.batch_size, normalization=encode.normalization, source=str(source),
+                       progress=progress and n >= 64, encoder=encoder, input_size=size)
         names_out += feature_names(names)
+    dropped, measured = {}, {}
     if "cellprofiler" in features:
-        from ..features.cellprofiler import cellprofiler_names, image_scale, measure_crops, require_cp_measure
-
-        require_cp_measure()
-        stack = _stack(images)
-        scale = image_scale(stack)
-        values, dropped = measure_crops(stack, names, label_images, scale=scale)
-        measured = {"pixel_scale": {"dtype": str(stack.dtype), "divided_by": scale},
-                    **measurement_counts(n, dropped)}
-        blocks.append(values)
-        names_out += cellprofiler_names(names)
+        cp, dropped, measured = _measure(images, names, label_images)
+        values, names_out = np.concatenate([values, cp], axis=1), names_out + measured.pop("names")
         if dropped:
             meta["Metadata_Dropped_Reason"] = [dropped.get(i) for i in range(n)]
     seconds = time.perf_counter() - t0
     meta.insert(0, "Metadata_ImageIndex", range(n))
-    card = encoder.model_card
-    write_parquet(profile_table(meta, np.concatenate(blocks, axis=1), names_out), out, provenance={
-        "command": "embed", "input": str(source), "channels": names, "config": dataclasses.asdict(encode),
-        "features": list(features), "masks": str(masks) if masks else None,
-        "model_card": card.to_dict(size) if card else None, "normalization": encode.normalization,
-        "encoder_arithmetic": encoder.arithmetic, "input_size": size, "cellprofiler": measured or None})
-    summary = {"images": n, "channels": c, "seconds": seconds, "model_id": card.model_id if card else "model",
-               "precision": encoder.precision, "input_size": size, "features": list(features), "out": str(out)}
-    if measured:
-        summary["cellprofiler"] = measured
+    prov, summary = _records(encoder, encode, size, measured, {
+        "input": str(source), "channels": names, "features": list(features), "masks": str(masks) if masks else None},
+        {"images": n, "channels": c, "seconds": seconds, "features": list(features), "out": str(out)})
+    write_parquet(profile_table(meta, values, names_out), out, provenance=prov)
     write_json(summary, summary_path(out))
     return {**summary, "dropped": dropped}
+
+
+def _records(encoder, encode: EncodeConfig, size: int, measured: dict, inputs: dict, counts: dict,
+             ) -> tuple[dict, dict]:
+    """The provenance stored in the Parquet file (``inputs`` and the encoder's) and the summary written
+    beside it (``counts`` and the encoder's)."""
+    card = encoder.model_card
+    prov = {"command": "embed", **inputs, "config": dataclasses.asdict(encode),
+            "model_card": card.to_dict(size) if card else None, "normalization": encode.normalization,
+            "encoder_arithmetic": encoder.arithmetic, "input_size": size, "cellprofiler": measured or None}
+    summary = {**counts, "model_id": card.model_id if card else "model", "precision": encoder.precision,
+               "input_size": size, **({"cellprofiler": measured} if measured else {})}
+    return prov, summary
+
+
+def _channel_names(given, c: int, source) -> list[str]:
+    """One distinct, non-empty name per channel (default ``ch0, ch1, ...``); InputError naming the input."""
+    names = list(given) if given else [f"ch{i}" for i in range(c)]
+    if len(names) != c or len(set(names)) != c or not all(names):
+        raise InputError(source, f"--channel-names gives {len(names)} distinct non-empty names for {c} channels: "
+                                 f"{','.join(names)!r}")
+    return names
+
+
+def _measure(images, names: list[str], label_images) -> tuple[np.ndarray, dict, dict]:
+    """cp-measure on every image, on one pixel scale for the set: values (n, D), failed index -> reason, and
+    what the provenance records (scale, counts, and the column ``names``)."""
+    from ..features.cellprofiler import cellprofiler_names, image_scale, measure_crops, require_cp_measure
+
+    require_cp_measure()
+    stack = _stack(images)
+    scale = image_scale(stack)
+    values, dropped = measure_crops(stack, names, label_images, scale=scale)
+    return values, dropped, {"pixel_scale": {"dtype": str(stack.dtype), "divided_by": scale},
+                             **measurement_counts(len(stack), dropped), "names": cellprofiler_names(names)}
 
 
 def summary_path(out: str | Path) -> Path:

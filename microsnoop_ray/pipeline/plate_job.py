@@ -18,7 +18,7 @@ import pandas as pd
 from ..config import save_config
 from ..errors import InputError
 from ..io.atomic import write_json
-from ..io.sources import CellChunk, FileField, SiteKey, Work, WorkItem
+from ..io.sources import SiteKey, Work, WorkItem
 from ..io.tables import read_platemap
 from .config import ProfileConfig
 from .executors import run_on_ray
@@ -78,7 +78,7 @@ def segmenter_used(cfg: ProfileConfig, items: list[WorkItem], description: str |
     from ..segment import describe_segmenter
 
     seg, mode = cfg.segmentation, cfg.crop.mode
-    fields = [it for it in items if not isinstance(it, CellChunk)]
+    fields = [it for it in items if not it.precropped]
     supplied = {it.supplied_objects for it in fields}
     used = []
     if fields:
@@ -145,7 +145,7 @@ def prepare_illumination(cfg: ProfileConfig, work: Work, layout: Layout, progres
 
     if cfg.illum in (None, "", "none"):
         return work.items, None
-    if any(isinstance(it, CellChunk) for it in work.items):
+    if any(it.precropped for it in work.items):
         raise InputError("--illum", "illumination correction applies to whole fields, not to pre-cropped cell arrays")
     compute = cfg.illum == "compute"
     folder = layout.root / "illum" if compute else Path(cfg.illum)
@@ -298,7 +298,7 @@ def run_profile(cfg: ProfileConfig, progress_print=print, log_file: str | Path |
                   **run_provenance(cfg, items),
                   "illumination": illumination}
     sink = SiteSink(layout, plates, platemap, provenance, {it.key: it.file_name for it in items
-                                                            if isinstance(it, FileField)})
+                                                            if it.file_name is not None})
     counts = run_sites(cfg, todo, sink, log_file) if todo else {"sites_written": 0, "sites_skipped": 0}
     # post-process: wells, sphering, treatments, the summary
     summary = postprocess(cfg, plates, layout, work.problems, provenance, platemap)

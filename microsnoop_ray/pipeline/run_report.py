@@ -34,6 +34,45 @@ def sphering_lines(sph: dict | None) -> list[str]:
     return lines + [""]
 
 
+def evaluation_lines(ev: dict | None) -> list[str]:
+    """Markdown for the run's own evaluation: copairs mAP per feature set and treatment."""
+    if not ev:
+        return []
+    if not ev.get("applied"):
+        return ["## Evaluation", "", f"Not applied: {ev.get('reason')}.", ""]
+    lines = ["## Evaluation (copairs mAP)", "",
+             f"Replicates: {ev['replicates']}s of each treatment ({', '.join(ev['treatment_keys'])}); recipe "
+             f"{', '.join(ev['recipe']) or 'none'}. Activity: against the plate's negative controls; consistency: "
+             "against the other treatments. Retrieved: corrected p < 0.05.", "",
+             "| feature set | features | question | mean mAP | retrieved | per treatment (mAP, corrected p) |",
+             "|---|---|---|---|---|---|"]
+    for name, res in ev["feature_sets"].items():
+        if not res.get("activity"):
+            lines.append(f"| {name} | - | - | - | - | not applied: {res.get('reason')} |")
+            continue
+        for q in ("activity", "consistency"):
+            r = res[q]
+            if "mean_map" not in r:
+                lines.append(f"| {name} | {res['features']} | {q} | - | - | {r.get('reason')} |")
+                continue
+            per = "; ".join(f"{' '.join(str(v) for k, v in t.items() if k.startswith('Metadata_'))}: "
+                            f"{t['mAP']:.3f}, {t['corrected_p']:.2g}" for t in r["per_treatment"])
+            lines.append(f"| {name} | {res['features']} | {q} | {r['mean_map']:.3f} | {r['fraction_retrieved']:.2f} "
+                         f"| {per} |")
+    return lines + [""]
+
+
+def step_lines(steps: dict | None) -> list[str]:
+    """Markdown for where the time went: worker seconds per site and step."""
+    if not steps or not steps.get("sites"):
+        return []
+    lines = ["## Where the time goes", "", f"Worker seconds per site (mean of {steps['sites']} sites; steps run side "
+             "by side on many workers).", "", "| " + " | ".join(steps["per_site"]) + " |",
+             "|" + "---|" * len(steps["per_site"]), "| " + " | ".join(f"{v:.2f}" for v in steps["per_site"].values())
+             + " |"]
+    return lines + [""]
+
+
 def write_run_report(out: str | Path, summary: dict, color_by: str | None = None, extra: dict | None = None) -> Path:
     """``report/``: one layout PNG per plate, a PCA PNG of all well profiles, ``README.md`` with the tables."""
     out = Path(out)
@@ -73,6 +112,8 @@ def write_run_report(out: str | Path, summary: dict, color_by: str | None = None
                      " - kept; `--drop-constant` removes them (pycytominer's spherize divides by their variance)."),
                   ""]
     lines += sphering_lines(sph)
+    lines += evaluation_lines(summary.get("evaluation"))
+    lines += step_lines((summary.get("this_run") or {}).get("step_seconds"))
     if len(skipped):
         lines += ["## Skipped", "", f"{len(skipped)} input(s); see `skipped.csv`.", ""]
     if extra:

@@ -101,6 +101,7 @@ def _note_row(item: WorkItem, reason: str, kind: str = SKIP, count: int = 1, sit
     row = _rows(item, 1, kind, reason, count, site_planes)
     row.update({"channel": np.zeros(1, np.int64), "Metadata_ObjectNumber": np.array([int(object_number)]),
                 **{k: np.full(1, np.nan) for k in OBJECT_COLUMNS}, "objects_rejected": np.zeros(1, np.int64),
+                "objects_found": np.zeros(1, np.int64),
                 "crop": np.array([b""], dtype=object), "crop_h": np.zeros(1, np.int64),
                 "crop_w": np.zeros(1, np.int64), "crop_dtype": np.array(["<f4"], dtype=object),
                 "cp": np.array([b""], dtype=object), "cp_objects": np.array([""], dtype=object)})
@@ -117,7 +118,7 @@ def skip_rows(item: WorkItem, reason: str) -> dict:
 
 def plane_rows(item: WorkItem, objects: pd.DataFrame, crops: np.ndarray, rejected: int = 0, dtype=None,
                measurements: np.ndarray | None = None, site_planes: int | None = None,
-               compartment: str = "Cells") -> dict:
+               compartment: str = "Cells", found: int | None = None) -> dict:
     """One row per (object, channel) plane, the crop at its native size (compact hand-off).
 
     ``crops`` (m, c, h, w) may be cell-region windows zero-padded to 224 (fields): each is cut back
@@ -125,7 +126,8 @@ def plane_rows(item: WorkItem, objects: pd.DataFrame, crops: np.ndarray, rejecte
     padded. Planes travel as raw bytes in ``dtype`` (the source's, when it holds the values exactly).
     ``measurements`` (m, D) float64, the objects' CellProfiler measurements, travel on their
     channel-0 rows (column ``cp``), with the compartments they cover (``cp_objects``, e.g.
-    ``Nuclei,Cells,Cytoplasm``). ``site_planes``: the site's planes when some of its cells
+    ``Nuclei,Cells,Cytoplasm``). ``found``: the objects the item gave before any subsample (default
+    ``m``; a site's count against CellProfiler's). ``site_planes``: the site's planes when some of its cells
     leave as DROP rows (default: these rows, or the cell chunk's site).
     """
     m, c = crops.shape[:2]
@@ -154,6 +156,7 @@ def plane_rows(item: WorkItem, objects: pd.DataFrame, crops: np.ndarray, rejecte
                 **{k: np.repeat(obj[k].to_numpy(np.float64) if k in obj else np.full(m, np.nan), c)
                    for k in OBJECT_COLUMNS},
                 "objects_rejected": np.full(n, int(rejected), np.int64),
+                "objects_found": np.full(n, int(found if found is not None else m), np.int64),
                 "crop": np.array(data, dtype=object), "crop_h": np.array(hs, np.int64),
                 "crop_w": np.array(ws, np.int64), "crop_dtype": np.full(n, dtype.str, dtype=object)})
     cp = np.full(n, b"", dtype=object)
@@ -322,7 +325,7 @@ class CropStage:
         # the one object measured is named for what it is: segmented on the nuclei channel, or nucleus
         # centres, it is the nucleus; a supplied label image may hold anything, and stays "Cells"
         site = _Site(item, objects, crops, len(prep.rejected), image.dtype,
-                     "Cells" if item.supplied_objects == "labels" else "Nuclei")
+                     "Cells" if item.supplied_objects == "labels" else "Nuclei", found=len(prep.crops))
         if cells is not None:
             return self._with_cells(site, image, labels, cells)
         if not self.measure:
@@ -384,7 +387,7 @@ class CropStage:
             return skip_rows(item, f"{item.where}: pixel type {cells.dtype} is not numeric")
         numbers = np.asarray(item.object_numbers, np.int64)
         bad = ~np.isfinite(cells.reshape(len(cells), -1)).all(axis=1)
-        site = _Site(item, pd.DataFrame({"Metadata_ObjectNumber": numbers}), cells, 0, cells.dtype, "Cells")
+        site = _Site(item, pd.DataFrame({"Metadata_ObjectNumber": numbers}), cells, 0, cells.dtype, "Cells", found=0)
         failed = {int(o): "has NaN or infinite pixels" for o in numbers[bad]}
         values = None
         if self.measure and (~bad).any():
@@ -416,9 +419,9 @@ class _Site:
     a nucleus (standing for no plane: they were never objects of the site)."""
 
     def __init__(self, item: WorkItem, objects: pd.DataFrame, crops: np.ndarray, rejected: int, dtype,
-                 compartment: str):
+                 compartment: str, found: int | None = None):
         self.item, self.objects, self.crops, self.rejected, self.dtype = item, objects, crops, rejected, dtype
-        self.compartment, self.orphans = compartment, 0
+        self.compartment, self.orphans, self.found = compartment, 0, found
 
     def rows(self, values: np.ndarray | None = None, failed: dict[int, str] | None = None) -> dict:
         item, failed = self.item, failed or {}
@@ -435,7 +438,8 @@ class _Site:
         if ok.any():
             rows.append(plane_rows(item, self.objects[ok].reset_index(drop=True), self.crops[ok],
                                    rejected=self.rejected, dtype=self.dtype, site_planes=total,
-                                   measurements=None if values is None else values[ok], compartment=self.compartment))
+                                   measurements=None if values is None else values[ok], compartment=self.compartment,
+                                   found=self.found))
         return concat_rows(rows) if rows else skip_rows(item, f"{item.where}: no cells")
 
 
@@ -684,6 +688,9 @@ def assemble_cells(rows: dict, channels: list[str], features: tuple[str, ...] = 
         blocks.append(pd.DataFrame(values, columns=names))
     meta = pd.DataFrame({"Metadata_ObjectNumber": rows["Metadata_ObjectNumber"][first].astype(np.int64),
                          **{k: rows[k][first] for k in OBJECT_COLUMNS}})
+    found = rows["objects_found"][first] if "objects_found" in rows else np.zeros(0)
+    if len(found) and (found > 0).all():  # fields: the site's objects before any subsample (0: cell chunks)
+        meta["Metadata_Site_Objects_Found"] = found.astype(np.int64)
     for k in ("Metadata_Crop_Top", "Metadata_Crop_Bottom", "Metadata_Crop_Left", "Metadata_Crop_Right",
               "Metadata_Object_Area", "Metadata_Cells_ObjectNumber"):
         if meta[k].isna().all():

@@ -180,20 +180,34 @@ def fit_sphering(controls: np.ndarray | pd.DataFrame, method: str = "zca-cor",
         raise ValueError("control profiles contain NaN or infinite values")
     mu = X.mean(axis=0)
     Xc = X - mu
-    V = Xc.var(axis=0, ddof=1)
-    if method == "zca-cor":
-        if regularization == "faithful":
-            V = np.maximum(V, variance_floor)
-        elif (V == 0).any():
-            raise ValueError(f"{int((V == 0).sum())} features are constant over the controls: drop them first "
-                             "(zca-cor divides by their standard deviation)")
-        scale = 1.0 / np.sqrt(V)
-    else:
-        scale = np.ones_like(V)
+    scale = _feature_scale(Xc.var(axis=0, ddof=1), method, regularization, variance_floor)
     Z = Xc * scale
     T, G = np.linalg.eigh(Z.T @ Z / (len(X) - 1))
     T = np.clip(T, 0.0, None)
-    floor, rule, used_eps, shrink = None, "epsilon", None, None
+    T_reg, floor, rule, used_eps, shrink = _regularized(T, Z, regularization, epsilon)
+    W = (G / np.sqrt(T_reg)) @ G.T * scale[None, :]
+    diag = spectrum_diagnostics(T, T_reg, len(X))
+    if shrink is not None:
+        diag["shrinkage"] = shrink
+    return Sphering(mu, W, method, regularization, used_eps, None if floor is None else float(floor), rule, len(X),
+                    diag)
+
+
+def _feature_scale(V: np.ndarray, method: str, regularization: str, variance_floor: float) -> np.ndarray:
+    """What each centred feature is multiplied by before the eigen-decomposition: 1/SD for ``zca-cor``
+    (the variances floored in the ``faithful`` mode), 1 for ``zca``."""
+    if method != "zca-cor":
+        return np.ones_like(V)
+    if regularization == "faithful":
+        V = np.maximum(V, variance_floor)
+    elif (V == 0).any():
+        raise ValueError(f"{int((V == 0).sum())} features are constant over the controls: drop them first "
+                         "(zca-cor divides by their standard deviation)")
+    return 1.0 / np.sqrt(V)
+
+
+def _regularized(T: np.ndarray, Z: np.ndarray, regularization: str, epsilon: float | None) -> tuple:
+    """The regularised eigenvalues and how: ``(T_reg, floor, rule, epsilon used, shrinkage)``."""
     if regularization == "faithful":
         k = knee_index(T)
         if k is not None:
@@ -202,26 +216,20 @@ def fit_sphering(controls: np.ndarray | pd.DataFrame, method: str = "zca-cor",
             floor, rule = float(np.median(T)) / 10.0, "median/10 (no knee found)"
         if floor <= 0:
             floor, rule = float(T.max()) * 1e-6, "max*1e-6 (degenerate spectrum)"
-        T_reg = np.maximum(T, floor)
+        return np.maximum(T, floor), floor, rule, None, None
+    shrink, rule = None, "epsilon"
+    if regularization == "mean-eigenvalue":
+        used_eps, rule = float(T.mean()), "mean eigenvalue"
+        if used_eps <= 0:
+            raise ValueError("the controls have no variance in any feature: nothing to sphere")
+    elif regularization == "shrinkage":
+        shrink = min(shrinkage_intensity(Z), MAX_SHRINKAGE)
+        used_eps, rule = float(T.mean()) * shrink / (1.0 - shrink), "ledoit-wolf"
+        if used_eps <= 0:  # a spectrum with no spread at all (e.g. one control direction): keep it finite
+            used_eps, rule = float(T.max()) * 1e-6 or 1e-6, "max*1e-6 (no shrinkage estimated)"
     else:
-        if regularization == "mean-eigenvalue":
-            used_eps, rule = float(T.mean()), "mean eigenvalue"
-            if used_eps <= 0:
-                raise ValueError("the controls have no variance in any feature: nothing to sphere")
-        elif regularization == "shrinkage":
-            shrink = min(shrinkage_intensity(Z), MAX_SHRINKAGE)
-            used_eps, rule = float(T.mean()) * shrink / (1.0 - shrink), "ledoit-wolf"
-            if used_eps <= 0:  # a spectrum with no spread at all (e.g. one control direction): keep it finite
-                used_eps, rule = float(T.max()) * 1e-6 or 1e-6, "max*1e-6 (no shrinkage estimated)"
-        else:
-            used_eps = DEFAULT_EPSILON if epsilon is None else float(epsilon)
-        T_reg = T + used_eps
-    W = (G / np.sqrt(T_reg)) @ G.T * scale[None, :]
-    diag = spectrum_diagnostics(T, T_reg, len(X))
-    if shrink is not None:
-        diag["shrinkage"] = shrink
-    return Sphering(mu, W, method, regularization, used_eps, None if floor is None else float(floor), rule, len(X),
-                    diag)
+        used_eps = DEFAULT_EPSILON if epsilon is None else float(epsilon)
+    return T + used_eps, None, rule, used_eps, shrink
 
 
 SCOPES = ("plate", "batch", "global")
@@ -242,6 +250,18 @@ def fit_and_transform(controls: np.ndarray, X: np.ndarray, method: str = "zca-co
     Y = X - C.mean(axis=0)
     Y[:, varying] = fit.transform(X[:, varying])
     return Y, {**fit.describe(), "constant_features": int((~varying).sum())}
+
+
+def _described(scope: str, group, where: str, described: dict, regularization: str) -> dict:
+    """One fit as ``summary.json`` and the Parquet metadata keep it, with a warning (logged) when the
+    controls are fewer than the features."""
+    fit = {"scope": scope, "group": None if group is None else str(group), **described}
+    if fit["fewer_controls_than_features"]:
+        fit["warning"] = (f"{where}: {fit['n_controls']} controls for {fit['n_features']} varying features "
+                          f"(rank {fit['rank']}): the controls do not span every direction; "
+                          f"regularisation {regularization} (epsilon {fit['epsilon']})")
+        log.warning("sphering %s", fit["warning"])
+    return fit
 
 
 def sphere_profiles(profiles: pd.DataFrame, controls: pd.Series | np.ndarray | None = None, scope: str = "plate",
@@ -300,13 +320,7 @@ def sphere_profiles(profiles: pd.DataFrame, controls: pd.Series | np.ndarray | N
                              f"sphering (use scope 'batch' or 'global', or fit on control cells)")
         sphered[rows], described = fit_and_transform(ctrl[feats].to_numpy(np.float64), X[rows], method,
                                                      regularization, epsilon)
-        fit = {"scope": scope, "group": None if group is None else str(group), **described}
-        if fit["fewer_controls_than_features"]:
-            fit["warning"] = (f"{where}: {fit['n_controls']} controls for {fit['n_features']} varying features "
-                              f"(rank {fit['rank']}): the controls do not span every direction; "
-                              f"regularisation {regularization} (epsilon {fit['epsilon']})")
-            log.warning("sphering %s", fit["warning"])
-        fits.append(fit)
+        fits.append(_described(scope, group, where, described, regularization))
     out = profiles.copy()
     out[feats] = sphered.astype(np.float32)
     return out, fits

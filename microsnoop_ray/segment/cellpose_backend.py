@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..config import cache_dir
+from ..io.cache import cache_dir
 from .classical import DIAMETER
 
 log = logging.getLogger("microsnoop_ray.segment")

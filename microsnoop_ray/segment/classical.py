@@ -32,7 +32,6 @@ def segment_classical(plane: np.ndarray, diameter: float = DIAMETER, threshold: 
     ndarray (H, W) int32, 0 = background, objects numbered 1..n.
     """
     from skimage.feature import peak_local_max
-    from skimage.filters import threshold_local, threshold_otsu
     from skimage.morphology import remove_small_objects
     from skimage.segmentation import watershed
 
@@ -42,15 +41,7 @@ def segment_classical(plane: np.ndarray, diameter: float = DIAMETER, threshold: 
     if not np.isfinite(plane).all() or plane.max() == plane.min():
         return np.zeros(plane.shape, dtype=np.int32)
     sigma = smooth_sigma if smooth_sigma is not None else max(1.0, diameter / 15)
-    smooth = ndimage.gaussian_filter(plane, sigma)
-    if threshold == "local":
-        block = int(2 * diameter) | 1
-        fg = smooth > threshold_local(smooth, block_size=block, offset=-0.05 * float(smooth.std()))
-        fg &= smooth > threshold_otsu(smooth) * 0.5
-    elif threshold == "otsu":
-        fg = smooth > threshold_otsu(smooth)
-    else:
-        raise ValueError(f"threshold must be 'otsu' or 'local', not {threshold!r}")
+    fg = _foreground(ndimage.gaussian_filter(plane, sigma), threshold, diameter)
     fg = ndimage.binary_fill_holes(fg)
     min_area = min_area if min_area is not None else np.pi * (diameter / 6) ** 2
     fg = remove_small_objects(fg, max_size=int(min_area))
@@ -70,3 +61,17 @@ def segment_classical(plane: np.ndarray, diameter: float = DIAMETER, threshold: 
     lut = np.zeros(int(labels.max()) + 1, dtype=np.int32)
     lut[ids] = np.arange(1, len(ids) + 1)
     return lut[labels]
+
+
+def _foreground(smooth: np.ndarray, threshold: str, diameter: float) -> np.ndarray:
+    """The bright pixels of a smoothed plane: above its Otsu threshold, or (``local``) above a block
+    threshold of twice the diameter and above half of Otsu's."""
+    from skimage.filters import threshold_local, threshold_otsu
+
+    if threshold == "local":
+        block = int(2 * diameter) | 1
+        fg = smooth > threshold_local(smooth, block_size=block, offset=-0.05 * float(smooth.std()))
+        return fg & (smooth > threshold_otsu(smooth) * 0.5)
+    if threshold == "otsu":
+        return smooth > threshold_otsu(smooth)
+    raise ValueError(f"threshold must be 'otsu' or 'local', not {threshold!r}")

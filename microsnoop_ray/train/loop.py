@@ -113,6 +113,54 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: t
     torch.manual_seed(cfg.seed + rank)
     run_dir = cfg.run_dir()
     pool = pool if pool is not None else build_pool(cfg.sources)
+    model, fmt = _start_model(cfg, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # bf16 has float32's range: no gradient scaler
+    scaler = torch.amp.GradScaler("cuda") if (cfg.amp and device.type == "cuda" and cfg.amp_dtype == "float16") \
+        else None
+    run = _resume(resume_from or latest_checkpoint(run_dir), model, optimizer, scaler, cfg.name)
+    if wrap is not None:
+        model = wrap(model)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    stream = batch_stream(pool, cfg.batch_size, cfg.input_size, seed=cfg.seed * 1000003 + rank * 7919 + run["epoch"],
+                          scale_range=cfg.scale_range, workers=cfg.loader_workers, pin_memory=device.type == "cuda")
+    gen = torch.Generator().manual_seed(cfg.seed * 31 + rank + 1000 * run["epoch"])
+    steps = max(1, max(cfg.batch_size, cfg.epoch_size // world_size) // cfg.batch_size)
+    for epoch in range(run["epoch"], cfg.last_epoch):
+        lr = learning_rate(epoch, cfg.base_lr, cfg.warmup, cfg.nepoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        losses = [train_step(model, optimizer, batch.to(device, non_blocking=True).contiguous(memory_format=fmt),
+                             cfg, scaler, gen) for batch, _kind in itertools.islice(stream, steps)]
+        metrics = _epoch_done(run, epoch, lr, losses, time.perf_counter() - t0, cfg.batch_size, world_size)
+        ckpt = _checkpoint(run_dir, epoch, _unwrap(model), optimizer, scaler, run, cfg) if rank == 0 else None
+        if report is not None:
+            report(metrics, ckpt)
+    result = {"history": run["history"], "images_seen": run["images_seen"], "seconds": run["seconds"]}
+    if rank == 0:
+        runner = "Ray Train TorchTrainer (jobs/pretrain.py or train --ray)" if wrap is not None else \
+            "microsnoop-ray train (one process)"
+        result["model_card"] = write_weights(_unwrap(model), cfg, pool.summary(), run["history"], run["images_seen"],
+                                             run["seconds"], device, runner).to_dict()
+    return result
+
+
+def _epoch_done(run: dict, epoch: int, lr: float, losses: list, seconds: float, batch_size: int,
+                world_size: int) -> dict:
+    """The epoch's metrics, added to the run's history and counts (and logged)."""
+    run["images_seen"] += len(losses) * batch_size * world_size
+    run["seconds"] += seconds
+    metrics = {"epoch": epoch, "lr": lr, "loss": float(torch.stack(losses).mean()), "images_seen": run["images_seen"],
+               "seconds": round(run["seconds"], 1), "images_per_s": round(len(losses) * batch_size / seconds, 2)}
+    run["history"].append(metrics)
+    log.info("epoch %d lr %.2e loss %.5f (%.1f img/s)", epoch, lr, metrics["loss"], metrics["images_per_s"])
+    return metrics
+
+
+def _start_model(cfg: TrainConfig, device: torch.device) -> tuple[MicrosnoopUNet, torch.memory_format]:
+    """The network to train (from ``cfg.init`` or fresh), on ``device`` in training mode, and its memory format."""
     if cfg.init:
         model = load_model(cfg.init)
         if not getattr(model, "has_decoder", True):
@@ -123,67 +171,36 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: t
     model.to(device).train()
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    # bf16 has float32's range: no gradient scaler
-    scaler = torch.amp.GradScaler("cuda") if (cfg.amp and device.type == "cuda" and cfg.amp_dtype == "float16") \
-        else None
-    start_epoch, history, images_seen, seconds = 0, [], 0, 0.0
-    resume_from = resume_from or latest_checkpoint(run_dir)
-    if resume_from is not None:
-        state = torch.load(resume_from, map_location="cpu", weights_only=True)
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{resume_from}: not a microsnoop-ray training checkpoint")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch = int(state["epoch"]) + 1
-        history = json.loads(state["history"])
-        images_seen = int(state["images_seen"])
-        seconds = float(state["seconds"])
-        log.info("resuming %s from epoch %d (%s)", cfg.name, start_epoch, resume_from)
-    if wrap is not None:
-        model = wrap(model)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    stream = batch_stream(pool, cfg.batch_size, cfg.input_size, seed=cfg.seed * 1000003 + rank * 7919 + start_epoch,
-                          scale_range=cfg.scale_range, workers=cfg.loader_workers, pin_memory=device.type == "cuda")
-    gen = torch.Generator().manual_seed(cfg.seed * 31 + rank + 1000 * start_epoch)
-    per_worker = max(cfg.batch_size, cfg.epoch_size // world_size)
-    for epoch in range(start_epoch, cfg.last_epoch):
-        lr = learning_rate(epoch, cfg.base_lr, cfg.warmup, cfg.nepoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        t0, losses = time.perf_counter(), []
-        for batch, _kind in itertools.islice(stream, max(1, per_worker // cfg.batch_size)):
-            targets = batch.to(device, non_blocking=True).contiguous(memory_format=fmt)
-            losses.append(train_step(model, optimizer, targets, cfg, scaler, gen))
-        epoch_loss = float(torch.stack(losses).mean())
-        dt = time.perf_counter() - t0
-        images_seen += len(losses) * cfg.batch_size * world_size
-        seconds += dt
-        metrics = {"epoch": epoch, "lr": lr, "loss": epoch_loss, "images_seen": images_seen,
-                   "seconds": round(seconds, 1), "images_per_s": round(len(losses) * cfg.batch_size / dt, 2)}
-        history.append(metrics)
-        log.info("epoch %d lr %.2e loss %.5f (%.1f img/s)", epoch, lr, metrics["loss"], metrics["images_per_s"])
-        ckpt = None
-        if rank == 0:
-            ckpt = run_dir / "checkpoints" / f"epoch-{epoch:04d}.pt"
-            _atomic_save({"format": CHECKPOINT_FORMAT, "model": _unwrap(model).state_dict(),
-                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else {},
-                          "epoch": epoch, "history": json.dumps(history), "images_seen": images_seen,
-                          "seconds": seconds, "config": json.dumps(cfg.to_dict())}, ckpt)
-            for old in _checkpoints(run_dir)[:-2]:  # keep the last two
-                old.unlink(missing_ok=True)
-        if report is not None:
-            report(metrics, ckpt)
-    result = {"history": history, "images_seen": images_seen, "seconds": seconds}
-    if rank == 0:
-        runner = "Ray Train TorchTrainer (jobs/pretrain.py or train --ray)" if wrap is not None else \
-            "microsnoop-ray train (one process)"
-        result["model_card"] = write_weights(_unwrap(model), cfg, pool.summary(), history, images_seen, seconds,
-                                             device, runner).to_dict()
-    return result
+    return model, fmt
+
+
+def _resume(checkpoint: Path | None, model, optimizer, scaler, name: str) -> dict:
+    """The run's state (next epoch, history, images seen, seconds), from ``checkpoint`` when there is one
+    (model, optimizer and scaler are loaded from it)."""
+    if checkpoint is None:
+        return {"epoch": 0, "history": [], "images_seen": 0, "seconds": 0.0}
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{checkpoint}: not a microsnoop-ray training checkpoint")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    log.info("resuming %s from epoch %d (%s)", name, int(state["epoch"]) + 1, checkpoint)
+    return {"epoch": int(state["epoch"]) + 1, "history": json.loads(state["history"]),
+            "images_seen": int(state["images_seen"]), "seconds": float(state["seconds"])}
+
+
+def _checkpoint(run_dir: Path, epoch: int, model, optimizer, scaler, run: dict, cfg: TrainConfig) -> Path:
+    """Write the epoch's checkpoint (atomically) and keep only the last two."""
+    ckpt = run_dir / "checkpoints" / f"epoch-{epoch:04d}.pt"
+    _atomic_save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                  "scaler": scaler.state_dict() if scaler else {}, "epoch": epoch,
+                  "history": json.dumps(run["history"]), "images_seen": run["images_seen"],
+                  "seconds": run["seconds"], "config": json.dumps(cfg.to_dict())}, ckpt)
+    for old in _checkpoints(run_dir)[:-2]:
+        old.unlink(missing_ok=True)
+    return ckpt
 
 
 def write_weights(model: MicrosnoopUNet, cfg: TrainConfig, pool_summary: dict, history: list, images_seen: int,
