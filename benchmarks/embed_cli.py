@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
     from microsnoop_ray.evaluate.metrics import centred_relative_error
-    from microsnoop_ray.pipeline.embed_job import COMPILE_FROM
+    from microsnoop_ray.pipeline.embed_job import COMPILE_FROM, COMPILE_MIN_SIDE
 
     tmp = Path(tempfile.mkdtemp())
     images = np.load(DATA[args.data] / "cells.npz")["images"]
@@ -68,7 +68,8 @@ def main() -> None:
                                                                     capture_output=True, text=True, cwd=ROOT).stdout.strip(),
         "data": args.data, "crop_side": int(max(images.shape[-2:])),
         "machine": {"cpus": len(os.sched_getaffinity(0)), "processor": platform.processor() or platform.machine()},
-        "cells": args.cells, "planes": planes, "compiled": planes >= COMPILE_FROM,
+        "cells": args.cells, "planes": planes,
+        "compiled": {name: planes >= COMPILE_FROM and r["input_size"] >= COMPILE_MIN_SIDE for name, r in runs.items()},
         "inductor_cache": "empty for each command", "runs": runs,
         "speedup_default_vs_fp32": round(runs["fp32"]["wall_s"] / runs["default"]["wall_s"], 2),
         "speedup_default_vs_input_224": round(runs["input_224"]["wall_s"] / runs["default"]["wall_s"], 2),

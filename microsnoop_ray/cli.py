@@ -65,7 +65,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 def _add_embed(sub) -> None:
     e = sub.add_parser("embed", help="embed images up to 224x224 (cells, crops) into a Parquet table",
                        description="Encoder flags as `profile` (and its --config file's encode section); "
-                                   "--compile defaults to on from 512 one-channel images. Writes OUT and "
+                                   "--compile defaults to on from 512 one-channel images at input size 224. Writes OUT and "
                                    "OUT.summary.json. Exit status: 0 everything embedded and measured, 3 some "
                                    "images without CellProfiler measurements (Metadata_Dropped_Reason), 2 error.")
     e.add_argument("input", type=Path, help=".npy, .npz (key 'images') of shape (N, C, H, W), or a folder of TIFFs")

@@ -10,8 +10,8 @@ from conftest import shared, transfluor_images
 from microsnoop_ray.encode.embed import embed
 from microsnoop_ray.io.sources import CellChunk, FileField, SiteKey
 from microsnoop_ray.pipeline.config import CropConfig, EncodeConfig, SegmentationConfig
-from microsnoop_ray.pipeline.stages import (DONE, DROP, PLANE, SKIP, CropStage, EncodeStage, SiteCollector, concat_rows,
-                                           crops_of, read_row)
+from microsnoop_ray.pipeline.stages import (CROP_ROW_SCHEMA, DONE, DROP, ENCODE_ROW_SCHEMA, PLANE, SKIP, CropStage,
+                                           EncodeStage, SiteCollector, check_rows, concat_rows, crops_of, read_row)
 
 
 def field_file() -> Path:
@@ -55,7 +55,9 @@ def test_cell_array_chunk_keeps_native_crops(untrained_weights, tmp_path):
     assert list(rows["crop_h"]) == [68] * 18 and set(rows["crop_dtype"]) == {"<u2"}
     assert sum(len(b) for b in rows["crop"]) * 20 < 18 * 224 * 224 * 4  # 9 KiB per plane instead of 196 KiB
     # 68-px cells: the job resolves input size auto to 64 (with_input_size); the stage takes the number
+    check_rows(rows, CROP_ROW_SCHEMA)
     out = EncodeStage(EncodeConfig(weights=str(untrained_weights), device="cpu", input_size="64"))(dict(rows))
+    check_rows(out, ENCODE_ROW_SCHEMA)
     expect = embed(cells, model=str(untrained_weights)).reshape(18, 256)
     np.testing.assert_allclose(out["features"], expect, atol=1e-5)
 
@@ -66,6 +68,14 @@ def _encoded(rows: dict) -> dict:
     out = {k: v for k, v in rows.items() if k not in ("crop", "crop_h", "crop_w", "crop_dtype")}
     out["features"] = np.tile(out["Metadata_ObjectNumber"][:, None].astype(np.float32), (1, 256))
     return out
+
+
+def test_the_row_schema_check_names_what_differs():
+    rows = {"plate": np.array(["P"], dtype=object), "site": np.array([1.5])}
+    with pytest.raises(TypeError, match="missing"):
+        check_rows(rows, CROP_ROW_SCHEMA)
+    with pytest.raises(TypeError, match=r"wrong dtype \['site'\]"):
+        check_rows(rows, {"plate": "O", "site": "i"})
 
 
 def test_collector_completes_sites_counts_duplicates_once_and_accounts_for_skips(tmp_path):
@@ -79,7 +89,10 @@ def test_collector_completes_sites_counts_duplicates_once_and_accounts_for_skips
     broken = CellChunk("P|x", "A02", 1, 2, path=str(tmp_path / "missing.npy"), rows=(0,), object_numbers=(1,),
                        site_planes=2)
     crop = CropStage()
-    parts = [_encoded(crop.process(read_row({"item": it}))) for it in (first, second, broken)]
+    cropped = [crop.process(read_row({"item": it})) for it in (first, second, broken)]
+    for rows in cropped:  # plane, DROP and SKIP rows: one schema
+        check_rows(rows, CROP_ROW_SCHEMA)
+    parts = [_encoded(rows) for rows in cropped]
     assert set(parts[1]["kind"]) == {PLANE, DROP} and list(parts[2]["kind"]) == [SKIP]
     assert "plate P|x, well A02, site 1" in parts[2]["reason"][0] and "missing.npy" in parts[2]["reason"][0]
     written, skipped, order = {}, {}, []

@@ -198,13 +198,13 @@ def load_bbbc021_well_profiles(data: Path) -> pd.DataFrame:
     return pd.concat([meta, X.astype(np.float64)], axis=1)
 
 
-# Sphering variants compared by the profile suites: the old default (pycytominer's fixed epsilon) and the new one.
+# Sphering variants compared by the profile suites: pycytominer's fixed epsilon, Ledoit-Wolf and the default.
 SPHERING_VARIANTS = {"epsilon 1e-6": {"regularization": "epsilon", "epsilon": 1e-6},
                      "Ledoit-Wolf shrinkage": {"regularization": "shrinkage"},
                      DEFAULT_REGULARIZATION: {"regularization": DEFAULT_REGULARIZATION}}
-SPHERING_NOTE = ("ZCA-cor fitted on the negative-control wells; 'epsilon 1e-6' is pycytominer's default and this "
-                 f"project's old one, '{DEFAULT_REGULARIZATION}' (epsilon = the controls' mean eigenvalue) the "
-                 "default now; Ledoit-Wolf shrinkage is the other option")
+SPHERING_NOTE = ("ZCA-cor fitted on the negative-control wells; 'epsilon 1e-6' is pycytominer's default, "
+                 f"'{DEFAULT_REGULARIZATION}' (epsilon = the controls' mean eigenvalue) this package's; Ledoit-Wolf "
+                 "shrinkage is the other option")
 
 
 def _fit_digest(fits: list[dict]) -> list[dict]:

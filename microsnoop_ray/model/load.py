@@ -104,8 +104,8 @@ def default_weights_path() -> Path | None:
 
 
 def mae_weights_path() -> Path:
-    """The package's MAE-pretrained full network (encoder and decoder), the default until the weights
-    study: what ``reconstruct`` uses unless given other weights, and a start for fine-tuning."""
+    """The package's MAE-pretrained full network (encoder and decoder): what ``reconstruct`` uses unless
+    given other weights (the default weights have no decoder), and a start for fine-tuning."""
     return _WEIGHTS_DIR / "microsnoop-ray-gpu-224-0eb2f79e.pt"
 
 

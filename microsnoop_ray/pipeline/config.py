@@ -153,7 +153,7 @@ class RunConfig:
 
 SECTIONS = {"segmentation": SegmentationConfig, "crop": CropConfig, "encode": EncodeConfig,
             "sphering": SpheringConfig, "run": RunConfig}
-#: flat names that differ from ``<section field>``: the flags' names, and those of earlier versions
+#: flat names that differ from ``<section field>``: the flags' names, accepted in config files too
 _ALIASES = {"segment_gpu_share": ("segmentation", "gpu_share"),
             "fields_per_crop_batch": ("segmentation", "fields_per_batch"),
             "crop_actors": ("crop", "actors"), "crop_cpus": ("crop", "cpus"), "crop_resources": ("crop", "resources"),

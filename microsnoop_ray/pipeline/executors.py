@@ -187,11 +187,13 @@ def ray_dataset(cfg: ProfileConfig, items: list[WorkItem], sink=None, channels: 
     per_block = cfg.run.items_per_block or max(1, -(-len(items) // 1000))
     ds = ray.data.from_items([{"item": it} for it in items], override_num_blocks=max(1, -(-len(items) // per_block)))
     ds = ds.map(read_row, num_cpus=read_cpus, concurrency=n_reads)
-    ds = ds.map_batches(CropStage, fn_constructor_args=(seg, crop, seg_gpu, None, None, cfg.feature_sets),
+    ds = ds.map_batches(CropStage, fn_constructor_kwargs={"segmentation": seg, "crop": crop, "gpu": seg_gpu,
+                                                          "features": cfg.feature_sets},
                         batch_size=seg.fields_per_batch,
                         batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=n_crop), **crop_res)
-    ds = ds.map_batches(EncodeStage, fn_constructor_args=(enc, "cuda" if use_gpu else "cpu", cfg.feature_sets,
-                                                          sink, channels),
+    ds = ds.map_batches(EncodeStage, fn_constructor_kwargs={"encode": enc, "device": "cuda" if use_gpu else "cpu",
+                                                            "features": cfg.feature_sets, "sink": sink,
+                                                            "channels": channels},
                         batch_size=None if sink is not None else enc.batch_size, batch_format="numpy",
                         compute=ActorPoolStrategy(size=n_enc,
                                                   max_tasks_in_flight_per_actor=max(2, enc.batches_in_flight)),

@@ -57,6 +57,30 @@ OBJECT_COLUMNS = ("Metadata_Location_Center_X", "Metadata_Location_Center_Y", "M
                   "Metadata_Cells_ObjectNumber")
 
 
+#: The columns of the crop stage's rows and their dtypes (numpy kinds: ``O`` object, ``i`` int64, ``f``
+#: float64), one row per (object, channel) plane, or per SKIP/DROP note. ``step_seconds`` is (n, len(STEPS)).
+CROP_ROW_SCHEMA = {"plate": "O", "well": "O", "site": "i", "kind": "O", "reason": "O", "count": "i",
+                   "site_planes": "i", "channel": "i", "Metadata_ObjectNumber": "i",
+                   **{k: "f" for k in OBJECT_COLUMNS}, "objects_rejected": "i", "objects_found": "i",
+                   "crop": "O", "crop_h": "i", "crop_w": "i", "crop_dtype": "O", "cp": "O", "cp_objects": "O",
+                   "step_seconds": "f"}
+#: The encoder stage's rows: the crop rows without the crops, with the embedding (``features``, (n, 256)
+#: float32), the encoder's busy seconds and arithmetic, and (DONE rows) the cells a site wrote.
+ENCODE_ROW_SCHEMA = {**{k: v for k, v in CROP_ROW_SCHEMA.items() if k not in CROP_COLUMNS}, "features": "f",
+                     "encode_seconds": "f", "arithmetic": "O", "cells": "i"}
+
+
+def check_rows(rows: dict, schema: dict) -> None:
+    """Raise TypeError unless ``rows`` has exactly the columns of ``schema``, of its dtype kinds and one length
+    (a stage that hands on other rows is a bug)."""
+    if set(rows) != set(schema):
+        raise TypeError(f"row columns differ from the schema: extra {sorted(set(rows) - set(schema))}, "
+                        f"missing {sorted(set(schema) - set(rows))}")
+    bad = [k for k, kind in schema.items() if np.asarray(rows[k]).dtype.kind != kind]
+    if bad or len({len(v) for v in rows.values()}) != 1:
+        raise TypeError(f"columns of the wrong dtype {bad} or of different lengths")
+
+
 def _message(item: WorkItem, exc: InputError) -> str:
     """The error text, with the item's plate/well/site in front when the error names only a file."""
     text = str(exc)
@@ -445,7 +469,7 @@ class _Site:
 
 # --------------------------------------------------------------------------- encode (actor pool)
 
-def site_rows(batch: dict) -> dict[SiteKey, list[int]]:
+def site_indices(batch: dict) -> dict[SiteKey, list[int]]:
     """The row indices of each site in ``batch``, sites in order of first appearance."""
     groups: dict[SiteKey, list[int]] = {}
     for i, key in enumerate(zip(batch["plate"], batch["well"], batch["site"])):
@@ -537,7 +561,7 @@ class EncodeStage:
         here.add(batch)
         if not done:
             return batch
-        groups = site_rows(batch)
+        groups = site_indices(batch)
         keys = list(done)
         rows = {k: v[[groups[key][0] for key in keys]].copy() for k, v in batch.items()}
         rows["kind"][:] = DONE
@@ -597,7 +621,7 @@ class SiteCollector:
             self.encode_seconds += float(np.sum(batch["encode_seconds"]))
         if "step_seconds" in batch:
             self.step_seconds += np.asarray(batch["step_seconds"]).sum(axis=0)
-        for key, idx in site_rows(batch).items():
+        for key, idx in site_indices(batch).items():
             part = {k: np.asarray(v)[idx] for k, v in batch.items()}
             if key in self.done:
                 self.duplicates += len(idx)
