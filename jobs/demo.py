@@ -223,7 +223,7 @@ def demo_bbbc021(out: Path, weights: Path | None, max_cells: int, num_cpus: int 
         "platemap": str(out / "platemap.csv"), "weights": str(weights) if weights else None,
         "channel_names": ["DNA", "ch1", "ch2"], "max_cells_per_site": max_cells, "cells_chunk": 128,
         "sphering": {"scope": "plate", "fit_on": "sites", "regularization": regularization, "epsilon": epsilon},
-        })
+        "recipe": "sphere"})  # the screen's sphering is fitted on raw DMSO sites: it is the only step
     with ray_runtime(num_cpus=num_cpus):
         summary = run_profile(cfg)
     from microsnoop_ray.profiles.aggregate import feature_columns

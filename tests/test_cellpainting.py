@@ -117,7 +117,7 @@ def test_nuclei_and_cells_of_a_site_counted_matched_and_measured_in_three_compar
         data, cols, _ = featurize(pixels[None], mask[None, None].astype(np.int32), _config(tuple(CHANNELS), 255))
         direct = {cellprofiler_name(k, name): v for k, v in zip(cols, data[0])}
         for col in (f"{name}_AreaShape_Area", f"{name}_Intensity_MeanIntensity_Mito",
-                    f"{name}_Texture_Contrast_ER_3", f"{name}_Granularity_2_AGP", f"{name}_Correlation_Correlation_DNA_RNA"):
+                    f"{name}_Texture_Contrast_ER_3_00_256", f"{name}_Granularity_2_AGP", f"{name}_Correlation_Correlation_DNA_RNA"):
             assert ours[col] == pytest.approx(direct[col], rel=1e-9, nan_ok=True), col
     assert ours["Cytoplasm_AreaShape_Area"] == ours["Cells_AreaShape_Area"] - (cell & nucleus).sum()
 

@@ -151,7 +151,8 @@ def test_cell_arrays_with_plate_metadata(ray_session, untrained_weights, tmp_pat
     cfg = ProfileConfig.from_mapping({
         "inputs": [str(tmp_path / "cells.npz")], "out": str(tmp_path / "out"), "weights": str(untrained_weights),
         "channel_names": ["DNA", "Tubulin", "Actin"], "progress": False, "cells_chunk": 2,
-        "sphering": {"scope": "plate", "fit_on": "cells", "regularization": "epsilon", "epsilon": 1e-3}})
+        "sphering": {"scope": "plate", "fit_on": "cells", "regularization": "epsilon", "epsilon": 1e-3},
+        "recipe": "sphere"})  # fitted on raw control cells: sphering is the recipe's only step
     # the plate map comes from the cell table itself (compound, concentration, pert_type columns)
     pm = pick[["Metadata_Plate", "Metadata_Well", "Metadata_Compound", "Metadata_Concentration",
                "Metadata_pert_type"]].drop_duplicates()
@@ -439,9 +440,10 @@ def test_profile_writes_cellprofiler_measurements_beside_the_embeddings(profiled
     plain = pd.read_parquet(plain_out / site.relative_to(out))
     emb = [c for c in plain if c.startswith("Microsnoop_")]
     np.testing.assert_array_equal(cells[emb].to_numpy(), plain[emb].to_numpy())
-    cp_cols = [c for c in cells if c.startswith("Cells_")]
-    assert "Cells_Intensity_MeanIntensity_GFP" in cp_cols and "Cells_AreaShape_Area" in cp_cols
-    assert (cells["Cells_AreaShape_Area"] == cells["Metadata_Object_Area"]).all()
+    cp_cols = [c for c in cells if c.startswith("Nuclei_")]  # segmented on the nuclei channel: the nucleus
+    assert "Nuclei_Intensity_MeanIntensity_GFP" in cp_cols and "Nuclei_AreaShape_Area" in cp_cols
+    assert not any(c.startswith(("Cells_", "Cytoplasm_")) for c in cells)
+    assert (cells["Nuclei_AreaShape_Area"] == cells["Metadata_Object_Area"]).all()
     well, s = cells["Metadata_Well"].iloc[0], int(cells["Metadata_Site"].iloc[0])
     tif = next(transfluor_images().glob(f"AS_*_{well}f{s - 1:02d}d2.TIF"))
     fcfg = ProfileConfig.from_mapping({"inputs": [str(tif)], "out": str(tmp_path / "fields"), "channel_names": ["GFP"],
@@ -457,6 +459,7 @@ def test_profile_writes_cellprofiler_measurements_beside_the_embeddings(profiled
     assert summary["nonfinite"]["nan_cell_values"] >= 0 and summary["provenance"]["features"] == [
         "microsnoop", "cellprofiler"]
     sphered = pd.read_parquet(next(out.glob("profiles/*/2026_demo/Transfluor/Transfluor_sphered.parquet")))
-    assert np.isfinite(sphered[kept].to_numpy()).all()
+    selected = [c for c in kept if c in sphered]  # after the recipe's feature selection
+    assert selected and np.isfinite(sphered[selected].to_numpy()).all()
     treatments = pd.read_parquet(next(out.glob("profiles/*/treatments.parquet")))
-    assert "Cells_Intensity_MeanIntensity_GFP" in treatments
+    assert set(selected) <= set(treatments.columns)
