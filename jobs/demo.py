@@ -283,8 +283,8 @@ def demo_cellpainting(out: Path, weights: Path | None, max_cells: int, num_cpus:
 
 
 def nuclei_against_cellprofiler(out: Path, model_id: str, data: Path) -> list[dict]:
-    """Per site: the nuclei the run found (cells profiled plus those left out or subsampled away are in the
-    site notes' object count) against CellProfiler's nuclei of that site."""
+    """Per site: the nuclei the run found (``Metadata_Site_Objects_Found``: after the border rule, before
+    the subsample and the matching to cells) against CellProfiler's nuclei of that site."""
     rows = []
     for f in sorted((out / "embeddings" / model_id).glob("*/*/*/embeddings.parquet")):
         cells = pd.read_parquet(f, columns=["Metadata_Well", "Metadata_Site", "Metadata_Site_Objects_Found"])

@@ -198,7 +198,8 @@ def intensity_scale(dtype, peak: float | None = None) -> float:
 
 def peak(images: np.ndarray) -> float:
     """The largest finite absolute value of ``images`` (0 for none): what :func:`intensity_scale` needs."""
-    a = np.abs(np.asarray(images, np.float64))
+    images = np.asarray(images)
+    a = np.abs(images.astype(np.promote_types(images.dtype, np.float32), copy=False))  # float32 stays float32
     a = a[np.isfinite(a)]
     return float(a.max()) if a.size else 0.0
 
@@ -303,8 +304,7 @@ def measure_cells(image: np.ndarray, nuclei: np.ndarray, cells: np.ndarray, numb
     """
     from scipy import ndimage as ndi
 
-    width = 3 * len(cellprofiler_names(channel_names))
-    out = np.full((len(numbers), width), np.nan)
+    out = np.full((len(numbers), len(cellprofiler_names(channel_names, COMPARTMENTS))), np.nan)
     failed: dict[int, str] = {}
     scale = image_scale(image)
     top = int(max(nuclei.max(initial=0), cells.max(initial=0)))

@@ -114,8 +114,7 @@ class EncodeConfig:
     def __post_init__(self):
         from ..model.contract import INPUT_SIZE, input_size_for
 
-        if str(self.input_size).strip().lower() != "auto":
-            input_size_for(INPUT_SIZE, self.input_size)  # a ValueError names the bad value
+        input_size_for(INPUT_SIZE, self.input_size)  # a ValueError names a bad value
 
 @dataclasses.dataclass(frozen=True)
 class SpheringConfig:

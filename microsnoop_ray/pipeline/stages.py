@@ -393,11 +393,11 @@ class CropStage:
             from ..features.cellprofiler import measure_cells
 
             t0 = time.perf_counter()
-            todo = [o for o in numbers if int(o) not in failed]
-            measured, more = measure_cells(image, nuclei, matched.cells, todo,
+            todo = np.array([int(o) not in failed for o in numbers], bool)
+            measured, more = measure_cells(image, nuclei, matched.cells, numbers[todo],
                                            _placeholder_channels(image.shape[0]))
             values = np.full((len(numbers), measured.shape[1]), np.nan)
-            values[[int(np.flatnonzero(numbers == o)[0]) for o in todo]] = measured
+            values[todo] = measured
             failed.update(more)
             self.seconds["cellprofiler"] += time.perf_counter() - t0
         return site.rows(values, failed)
